@@ -1,0 +1,87 @@
+"""The `posttrain` command: `posttrain <command> [--config x.yaml] [key=value ...]`.
+
+Every recipe command takes a YAML config plus dotted overrides, `--dry-run` to print the
+resolved config and stop, and `--help` to list every config field with its documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from posttrain.config import ConfigError, config_help, dump_config, load_config
+
+# command -> (module, config class, one-line description); each module has `run(config)`.
+RECIPES: dict[str, tuple[str, str, str]] = {
+    "sft": ("posttrain.recipes.sft", "SFTConfig", "supervised fine-tuning on demonstrations"),
+    "quickstart": (
+        "posttrain.recipes.quickstart",
+        "QuickstartConfig",
+        "build a tiny model, SFT it on generated arithmetic, report loss and accuracy",
+    ),
+}
+
+
+def _recipe_parser(name: str, config_cls) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"posttrain {name}",
+        description=RECIPES[name][2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys (set in the YAML file or as key=value):\n" + config_help(config_cls),
+    )
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
+
+
+def _tiny_model(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="posttrain tiny-model",
+        description="Build a deterministic random causal LM and byte-level tokenizer, offline.",
+    )
+    parser.add_argument("out", help="directory to write the Hugging Face model to")
+    parser.add_argument("--arch", choices=["qwen2", "llama"], default="qwen2")
+    parser.add_argument("--size", choices=["tiny", "small"], default="tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from posttrain.models.tiny import save_tiny
+
+    print(save_tiny(args.out, args.arch, args.size, args.seed))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {**{k: v[2] for k, v in RECIPES.items()}, "tiny-model": "build a tiny model"}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print("usage: posttrain <command> [--config FILE] [--dry-run] [key=value ...]\n")
+        print("commands:")
+        for name, about in commands.items():
+            print(f"  {name:<12} {about}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "tiny-model":
+        return _tiny_model(rest)
+    module_name, class_name, _ = RECIPES[command]
+    module = importlib.import_module(module_name)
+    config_cls = getattr(module, class_name)
+    args = _recipe_parser(command, config_cls).parse_args(rest)
+    try:
+        config = load_config(config_cls, args.config, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(dump_config(config), end="")
+        return 0
+    module.run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

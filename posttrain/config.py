@@ -1,0 +1,227 @@
+"""Typed configs: a YAML file plus dotted `key=value` overrides, validated by pydantic.
+
+Every config class forbids unknown keys, and every field's docstring is its `--help` text.
+`load_config` turns pydantic's errors into messages that name the key, the expected type and,
+for a misspelled key, the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with every problem named."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys fail, field docstrings are the help text."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+
+
+class LoraConfig(Section):
+    enabled: bool = False
+    """Train LoRA adapters instead of the full model (the saved final model has them merged)."""
+    r: int = 16
+    """LoRA rank."""
+    alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or 'all-linear' for every linear layer but the output head."""
+
+
+class ModelConfig(Section):
+    path: str = ""
+    """Hugging Face model directory (or hub id already in the local cache) to start from."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype: 'auto' is float32 on CPU and bfloat16 on a GPU that supports it."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to from_pretrained: 'sdpa', 'eager' or 'flash_attention_2'."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (slower)."""
+    lora: LoraConfig = LoraConfig()
+    """Parameter-efficient fine-tuning with LoRA."""
+
+
+class OptimConfig(Section):
+    lr: float = 1e-4
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    warmup_steps: int = 0
+    """Linear warmup from 0 to lr over this many optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """The schedule decays to lr * min_lr_ratio at the last step."""
+
+
+class TrainConfig(Section):
+    out_dir: str = "runs/run"
+    """Run directory: config, metrics.jsonl, checkpoints, final model."""
+    seed: int = 0
+    """Seed for model init of new heads, data order, dropout and sampling."""
+    max_steps: int = 100
+    """Optimizer steps to train for."""
+    batch_size: int = 16
+    """Sequences per optimizer step, summed over all processes and accumulation micro-steps."""
+    micro_batch_size: int = 8
+    """Sequences per forward pass on one process; accumulation = batch_size / (micro_batch_size x processes)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: 'auto' picks cuda when available."""
+    log_every: int = 1
+    """Write a metrics line every this many steps."""
+    eval_every: int = 0
+    """Evaluate on held-out data every this many steps (0: only at the start and the end)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every this many steps (0: never, only the final model)."""
+    keep_checkpoints: int = 2
+    """How many most recent checkpoints to keep."""
+    resume: bool = True
+    """Resume from the latest checkpoint in out_dir when there is one."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files (needs the tensorboard package)."""
+    progress: bool = True
+    """Show a progress bar on the terminal."""
+
+
+class DataConfig(Section):
+    train: str = ""
+    """Training records: a .jsonl, .json or .parquet file, or a datasets directory (save_to_disk)."""
+    eval: str = ""
+    """Held-out records in the same forms; empty: split off eval_fraction of train."""
+    eval_fraction: float = 0.05
+    """Fraction of train held out when no eval file is given."""
+    max_length: int = 1024
+    """Longest tokenized sequence (prompt + completion); longer records fail unless truncate is set."""
+    max_prompt_length: int = 512
+    """Longest tokenized prompt; longer prompts are an error naming the row."""
+    truncate: bool = False
+    """Cut completions that make a sequence longer than max_length instead of failing."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """Render prompts with the tokenizer's chat template: 'auto' does so when it has one."""
+    packing: bool = True
+    """Padding-free batches: sequences concatenated into one row with reset position ids."""
+    limit: int = 0
+    """Read at most this many training records (0: all)."""
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is not None:
+        args = ", ".join(_type_name(a) for a in typing.get_args(annotation))
+        return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _field_at(model: type[BaseModel], path: tuple) -> tuple[type[BaseModel] | None, Any]:
+    """The section class holding `path[-1]` and that field's annotation (None when unknown)."""
+    section: type[BaseModel] | None = model
+    for key in path[:-1]:
+        info = section.model_fields.get(str(key)) if section else None
+        section = info.annotation if info and _is_section(info.annotation) else None
+    info = section.model_fields.get(str(path[-1])) if section else None
+    return section, info.annotation if info else None
+
+
+def _describe(model: type[BaseModel], error: dict) -> str:
+    path = tuple(p for p in error["loc"] if not isinstance(p, int))
+    dotted = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
+        section, _ = _field_at(model, path)
+        names = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(str(path[-1]), names, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join(map(str, path[:-1] + (close[0],)))}'?" if close else ""
+        return f"unknown key '{dotted}'{hint} (valid keys here: {', '.join(names)})"
+    _, annotation = _field_at(model, path)
+    expected = f"expected {_type_name(annotation)}, " if annotation is not None else ""
+    got = error.get("input")
+    return f"'{dotted}': {expected}got {got!r} ({error['msg']})"
+
+
+def set_dotted(data: dict, dotted_key: str, value: Any) -> None:
+    """Set `data['a']['b'] = value` for `dotted_key='a.b'`, creating sections as needed."""
+    *parents, leaf = dotted_key.split(".")
+    node = data
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{dotted_key}': '{key}' is not a section")
+    node[leaf] = value
+
+
+C = typing.TypeVar("C", bound=BaseModel)
+
+
+def load_config(
+    config_cls: type[C], path: str | Path | None = None, overrides: list[str] = ()
+) -> C:
+    """Read YAML at `path` (optional), apply `key=value` overrides (values parsed as YAML), validate."""
+    data: dict = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=3e-5")
+        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    try:
+        return config_cls.model_validate(data)
+    except ValidationError as err:
+        where = f" in {path}" if path else ""
+        problems = "\n  ".join(_describe(config_cls, e) for e in err.errors())
+        raise ConfigError(f"invalid config{where}:\n  {problems}") from None
+
+
+def config_help(config_cls: type[BaseModel], prefix: str = "") -> str:
+    """Every field as `dotted.key (type, default): docstring`, sections expanded."""
+    lines = []
+    for name, info in config_cls.model_fields.items():
+        key = f"{prefix}{name}"
+        if _is_section(info.annotation):
+            lines.append(f"\n{key}: {info.description or ''}")
+            lines.append(config_help(info.annotation, f"{key}."))
+        else:
+            default = info.get_default(call_default_factory=True)
+            lines.append(
+                f"  {key} ({_type_name(info.annotation)}, default {default!r})\n"
+                f"      {info.description or ''}"
+            )
+    return "\n".join(lines)
+
+
+def dump_config(config: BaseModel) -> str:
+    """The resolved config as YAML, loadable again with load_config."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

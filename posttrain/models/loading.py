@@ -1,0 +1,76 @@
+"""Load Hugging Face causal LMs for training, optionally with LoRA adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on a GPU that supports it, float32 elsewhere (bf16 is slow on CPUs)."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(path: str):
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(
+    path: str,
+    device: torch.device,
+    *,
+    dtype: str = "auto",
+    attn_implementation: str = "sdpa",
+    gradient_checkpointing: bool = False,
+    lora_r: int = 0,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.0,
+    lora_target_modules: list[str] | str = "all-linear",
+) -> PreTrainedModel:
+    """A causal LM on `device`, with LoRA adapters when `lora_r > 0` (only they then train)."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model.path: no model directory at {path!r}")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation
+    ).to(device)
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    return model
+
+
+def save_pretrained(model: torch.nn.Module, tokenizer, out: Path) -> Path:
+    """Save a loadable Hugging Face model: LoRA adapters merged into a copy, weights unchanged."""
+    model = getattr(model, "module", model)  # unwrap DDP
+    if hasattr(model, "merge_and_unload"):
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.use_cache = True
+    model.save_pretrained(out)
+    model.config.use_cache = False
+    tokenizer.save_pretrained(out)
+    return out
