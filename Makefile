@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 quickstart: install
-	$(VENV)/bin/posttrain quickstart --out runs/quickstart
+	$(VENV)/bin/posttrain quickstart out_dir=runs/quickstart
 
 test: install
 	$(PY) -m pytest -q

@@ -11,6 +11,7 @@ import importlib
 import sys
 
 from posttrain.config import ConfigError, config_help, dump_config, load_config
+from posttrain.data.records import DataError
 
 # command -> (module, config class, one-line description); each module has `run(config)`.
 RECIPES: dict[str, tuple[str, str, str]] = {
@@ -79,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(dump_config(config), end="")
         return 0
-    module.run(config)
+    try:
+        module.run(config)
+    except (DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from posttrain.rollout.attention import decode_attention
 from posttrain.rollout.interface import Completion, FinishReason, RolloutBatch, SamplingParams
 from posttrain.rollout.kv_cache import RowCache
 from posttrain.rollout.sampling import choose_next_tokens
@@ -106,12 +107,13 @@ class HFSampler:
 
         cache, first_logits_RV = self._prefill(distinct_prompts, row_source, prompt_width, capacity)
         lengths_R = prompt_lengths.index_select(0, row_source)
-        # Padding mask for every row over the whole capacity, built once and sliced per step;
-        # None when no prompt is padded, which lets SDPA run unmasked (and GQA unexpanded).
-        padding_mask_R11C = None
+        # Which cache columns each row may attend to (its prompt, not the left padding, and all
+        # completion columns), built once and sliced per step; None when no prompt is padded,
+        # which lets attention run unmasked.
+        padding_mask_RC = None
         if bool((lengths_R != prompt_width).any()):
             columns_C = torch.arange(capacity, device=device)
-            padding_mask_R11C = (columns_C >= (prompt_width - lengths_R)[:, None])[:, None, None]
+            padding_mask_RC = columns_C >= (prompt_width - lengths_R)[:, None]
         positions_R1 = lengths_R[:, None].clone()  # the first completion token's position
         prefill_seconds = time.perf_counter() - start
 
@@ -126,52 +128,62 @@ class HFSampler:
         active = torch.arange(rows, device=device)  # buffer rows of the rows still running
         texts_so_far: list[list[int]] = [[] for _ in range(rows)] if stop_strings else []
 
-        logits_BV = first_logits_RV
-        for step in range(max_new):
-            tokens_B, logprobs_B = choose_next_tokens(
-                logits_BV, params.temperature, params.top_k, params.top_p, params.min_p, generator
-            )
-            tokens_RT[active, step] = tokens_B
-            logprobs_RT[active, step] = logprobs_B
-
-            code_B = torch.zeros_like(tokens_B)
-            if stop_strings is not None:
-                code_B = self._stop_string_codes(
-                    stop_strings, texts_so_far, active, tokens_B, code_B
+        with decode_attention(self.model) as grouped_attention:
+            logits_BV = first_logits_RV
+            for step in range(max_new):
+                tokens_B, logprobs_B = choose_next_tokens(
+                    logits_BV,
+                    params.temperature,
+                    params.top_k,
+                    params.top_p,
+                    params.min_p,
+                    generator,
                 )
-            if stop_ids:
-                code_B = torch.where(torch.isin(tokens_B, stop_ids_t), _STOP, code_B)
-            if eos_ids:
-                code_B = torch.where(torch.isin(tokens_B, eos_ids_t), _EOS, code_B)
-            if step == max_new - 1:
-                code_B = torch.where(code_B == _RUNNING, _LENGTH, code_B)
-            finish_R[active] = code_B
-            length_R[active] = step + 1
-            if step == max_new - 1:
-                break
-            running_B = code_B == _RUNNING
-            if not bool(running_B.all()):  # the one host sync per step
-                keep_B = running_B.nonzero().squeeze(1)
-                if keep_B.numel() == 0:
-                    break
-                active = active.index_select(0, keep_B)
-                tokens_B = tokens_B.index_select(0, keep_B)
-                positions_R1 = positions_R1.index_select(0, keep_B)
-                cache.batch_select_indices(keep_B)
-                if padding_mask_R11C is not None:
-                    padding_mask_R11C = padding_mask_R11C.index_select(0, keep_B)
+                tokens_RT[active, step] = tokens_B
+                logprobs_RT[active, step] = logprobs_B
 
-            kv_length = prompt_width + step + 1
-            mask = None if padding_mask_R11C is None else padding_mask_R11C[..., :kv_length]
-            logits_BV = self.model(
-                input_ids=tokens_B[:, None],
-                attention_mask=mask,
-                position_ids=positions_R1,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
-            positions_R1 = positions_R1 + 1
+                code_B = torch.zeros_like(tokens_B)
+                if stop_strings is not None:
+                    code_B = self._stop_string_codes(
+                        stop_strings, texts_so_far, active, tokens_B, code_B
+                    )
+                if stop_ids:
+                    code_B = torch.where(torch.isin(tokens_B, stop_ids_t), _STOP, code_B)
+                if eos_ids:
+                    code_B = torch.where(torch.isin(tokens_B, eos_ids_t), _EOS, code_B)
+                if step == max_new - 1:
+                    code_B = torch.where(code_B == _RUNNING, _LENGTH, code_B)
+                finish_R[active] = code_B
+                length_R[active] = step + 1
+                if step == max_new - 1:
+                    break
+                running_B = code_B == _RUNNING
+                if not bool(running_B.all()):  # the one host sync per step
+                    keep_B = running_B.nonzero().squeeze(1)
+                    if keep_B.numel() == 0:
+                        break
+                    active = active.index_select(0, keep_B)
+                    tokens_B = tokens_B.index_select(0, keep_B)
+                    positions_R1 = positions_R1.index_select(0, keep_B)
+                    cache.batch_select_indices(keep_B)
+                    if padding_mask_RC is not None:
+                        padding_mask_RC = padding_mask_RC.index_select(0, keep_B)
+
+                mask = None
+                if padding_mask_RC is not None:
+                    mask = padding_mask_RC[:, : prompt_width + step + 1]
+                    # A ready (B, 1, 1, k) boolean mask is passed through untouched by transformers;
+                    # otherwise it builds the model's own mask from the 2D one at every step.
+                    mask = mask[:, None, None, :] if grouped_attention else mask
+                logits_BV = self.model(
+                    input_ids=tokens_B[:, None],
+                    attention_mask=mask,
+                    position_ids=positions_R1,
+                    past_key_values=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                ).logits[:, -1]
+                positions_R1 = positions_R1 + 1
 
         completions = self._completions(
             n, tokens_RT, logprobs_RT, finish_R, length_R, stop_strings, params

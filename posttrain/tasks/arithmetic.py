@@ -1,6 +1,7 @@
 """A procedurally generated arithmetic task with an exact-match check.
 
-Prompts look like `37+48=` and the answer is the number alone (`85`). Train and
+Prompts look like `37+08=` and the answer is the number alone (`45`). Operands are
+zero-padded to two digits so that digit positions line up, which a tiny model learns in minutes. Train and
 held-out splits are disjoint by operand pair, so held-out accuracy measures generalisation,
 not memorisation.
 """
@@ -39,7 +40,7 @@ def _row(i: int, a: int, op: str, b: int) -> dict:
     answer = a + b if op == "+" else a - b
     return {
         "id": f"arith-{i}",
-        "prompt": f"{a}{op}{b}=",
+        "prompt": f"{a:02d}{op}{b:02d}=",
         "completion": str(answer),
         "answer": str(answer),
     }

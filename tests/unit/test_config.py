@@ -1,0 +1,69 @@
+import pytest
+
+from posttrain.cli import main
+from posttrain.config import ConfigError, load_config
+from posttrain.recipes.sft import SFTConfig
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.01\nmodel:\n  lora:\n    r: 4\n")
+    cfg = load_config(SFTConfig, path, ["optim.lr=3e-5", "model.lora.enabled=true"])
+    assert cfg.optim.lr == 3e-5  # the override wins over the file
+    assert cfg.model.lora.r == 4 and cfg.model.lora.enabled is True
+    assert cfg.train.batch_size == 16  # untouched default
+
+
+def test_misspelled_key_names_it_and_the_closest_valid_one():
+    with pytest.raises(ConfigError, match=r"unknown key 'optim.lrr'; did you mean 'optim.lr'\?"):
+        load_config(SFTConfig, None, ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'trian'; did you mean 'train'\?"):
+        load_config(SFTConfig, None, ["trian.seed=1"])
+
+
+def test_misspelled_key_in_file_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_step: 5\n")
+    with pytest.raises(
+        ConfigError, match=r"(?s)bad.yaml.*'train.max_step'; did you mean 'train.max_steps'"
+    ):
+        load_config(SFTConfig, path)
+
+
+def test_wrong_type_names_field_and_expected_type():
+    with pytest.raises(ConfigError, match=r"'optim.lr': expected float, got 'fast'"):
+        load_config(SFTConfig, None, ["optim.lr=fast"])
+    with pytest.raises(
+        ConfigError, match=r"'optim.schedule': expected 'cosine' \| 'linear' \| 'constant'"
+    ):
+        load_config(SFTConfig, None, ["optim.schedule=cos"])
+
+
+def test_override_without_equals_sign():
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(SFTConfig, None, ["optim.lr"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(SFTConfig, tmp_path / "nope.yaml")
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["sft", "--dry-run", "optim.lr=0.5", "train.max_steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.5" in out and "max_steps: 7" in out
+
+
+def test_bad_override_exits_2_with_message(capsys):
+    assert main(["sft", "--dry-run", "optim.lrr=0.5"]) == 2
+    assert "did you mean 'optim.lr'" in capsys.readouterr().err
+
+
+def test_help_shows_every_field_docstring(capsys):
+    with pytest.raises(SystemExit):
+        main(["sft", "--help"])
+    out = capsys.readouterr().out
+    assert "optim.lr (float, default 0.0001)" in out
+    assert "Peak learning rate of AdamW." in out
+    assert "train.micro_batch_size" in out and "model.lora.r" in out
