@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from posttrain.data.packing import IGNORE, pack, pad
 from posttrain.data.records import CompletionRecord, ConversationRecord, DataError
