@@ -292,6 +292,17 @@ def steady_rate(marks: list, warmup: int) -> tuple[float, float]:
     return tokens / seconds, seconds / (len(window) - 1)
 
 
+def check_same_data(variant: str, result: dict, tokens: int, targets: int) -> None:
+    """Stop if a TRL run tokenized the records differently from posttrain."""
+    if "dataset_tokens" not in result:  # posttrain's own run
+        return
+    if (result["dataset_tokens"], result["dataset_targets"]) != (tokens, targets):
+        raise SystemExit(
+            f"{variant} tokenized the records differently: {result['dataset_tokens']} tokens, "
+            f"{result['dataset_targets']} targets; posttrain: {tokens} tokens, {targets} targets"
+        )
+
+
 def useful_flops_per_token(size: str, examples: list) -> float:
     """The docstring's FLOP formula, averaged over the dataset's tokens."""
     from posttrain.models.tiny import build_model
@@ -391,15 +402,7 @@ def main() -> None:
             result = run_variant(python, variant, spec, work, args.threads)
             result["wall_s"] = time.perf_counter() - began
             if "error" not in result:
-                if "dataset_tokens" in result and (
-                    result["dataset_tokens"],
-                    result["dataset_targets"],
-                ) != (dataset_tokens, dataset_targets):
-                    raise SystemExit(
-                        f"{variant} tokenized the records differently: {result['dataset_tokens']} "
-                        f"tokens / {result['dataset_targets']} targets, posttrain "
-                        f"{dataset_tokens} / {dataset_targets}"
-                    )
+                check_same_data(variant, result, dataset_tokens, dataset_targets)
                 tps, step_s = steady_rate(result["marks"], args.warmup)
                 result.update(tokens_per_s=tps, step_s=step_s)
                 result["roofline"] = tps * flops_per_token / (peak * 1e9)
@@ -411,22 +414,30 @@ def main() -> None:
     print()
     header = (
         f"{'model':6} {'variant':12} {'tok/s':>8} {'s/step':>7} {'peak RSS':>9} "
-        f"{'%roofline':>9} {'posttrain x':>11}"
+        f"{'%roofline':>9} {'posttrain speedup':>17}"
     )
     print(header)
     print("-" * len(header))
     for size, by_variant in results.items():
-        ours = by_variant.get("posttrain", {}).get("tokens_per_s")
+        ours = by_variant.get("posttrain", {})
         for variant, r in by_variant.items():
             if "error" in r:
                 print(f"{size:6} {variant:12} {r['error']}")
                 continue
-            ratio = f"{ours / r['tokens_per_s']:10.2f}x" if ours else f"{'-':>11}"
+            speedup = ours.get("tokens_per_s", float("nan")) / r["tokens_per_s"]
             print(
                 f"{size:6} {variant:12} {r['tokens_per_s']:8.0f} {r['step_s']:7.2f} "
-                f"{r['peak_rss_mb']:7.0f}MB {100 * r['roofline']:8.1f}% {ratio}"
+                f"{r['peak_rss_mb']:7.0f}MB {100 * r['roofline']:8.1f}% {speedup:16.2f}x"
             )
-    print(f"\nload average at the end: {os.getloadavg()}; results: {work / 'results.json'}")
+    same = all(
+        [t for _, t in r["marks"]] == [t for _, t in by_variant["posttrain"]["marks"]]
+        for by_variant in results.values()
+        if "marks" in by_variant.get("posttrain", {})
+        for r in by_variant.values()
+        if "marks" in r
+    )
+    print(f"\nsame sequences in every step for all variants: {'yes' if same else 'no'}")
+    print(f"load average at the end: {os.getloadavg()}; results: {work / 'results.json'}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ class ModelConfig(Section):
     path: str = ""
     """Hugging Face model directory (or hub id already in the local cache) to start from."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype: 'auto' is float32 on CPU and bfloat16 on a GPU that supports it."""
+    """Weight dtype: 'auto' is float32 weights, with bf16 autocast on GPU and fp32 compute on CPU."""
     attn_implementation: str = "sdpa"
     """Attention kernel passed to from_pretrained: 'sdpa', 'eager' or 'flash_attention_2'."""
     gradient_checkpointing: bool = False

@@ -10,13 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on a GPU that supports it, float32 elsewhere (bf16 is slow on CPUs)."""
-    if dtype != "auto":
-        return DTYPES[dtype]
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+def resolve_dtype(dtype: str) -> torch.dtype:
+    """'auto' keeps float32 weights: the learner autocasts to bf16 on GPU and the optimizer
+    updates fp32 master weights (pure-bf16 updates lose small steps); on CPU bf16 is slower."""
+    return torch.float32 if dtype == "auto" else DTYPES[dtype]
 
 
 def load_tokenizer(path: str):
@@ -42,7 +39,7 @@ def load_causal_lm(
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model.path: no model directory at {path!r}")
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype, device), attn_implementation=attn_implementation
+        path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
     ).to(device)
     model.config.use_cache = False
     if gradient_checkpointing:

@@ -21,6 +21,7 @@ from posttrain.data.splits import load_train_eval
 from posttrain.data.tokenize import TokenizedExample, tokenize_sft, uses_chat_template
 from posttrain.models.loading import load_causal_lm, load_tokenizer, save_pretrained
 from posttrain.models.logprobs import nll_sum
+from posttrain.train.checkpoint import seed_all
 from posttrain.train.distributed import Dist, init_distributed
 from posttrain.train.learner import Learner, split_for_rank, step_indices
 from posttrain.train.metrics import MetricsLogger
@@ -76,7 +77,7 @@ def run(cfg: SFTConfig) -> dict:
             f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size="
             f"{t.micro_batch_size} x {dist.world_size} processes"
         )
-    torch.manual_seed(t.seed)
+    seed_all(t.seed)
     out = Path(t.out_dir)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -49,13 +49,14 @@ def sample_from_logprobs(logprobs_BV: torch.Tensor, generator: torch.Generator) 
 
     The exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability
     p_i / sum_j p_j (the Gumbel-max trick in another form; vLLM's `random_sample` uses it too).
-    It needs no normalisation and no `multinomial` call. Removed tokens have p_i = 0.
+    It needs no normalisation and no `multinomial` call, and is one batched kernel chain.
+    Removed tokens have p_i = 0.
     Returns (B,) int64.
     """
     probs_BV = logprobs_BV.exp()
-    race_BV = torch.empty_like(probs_BV).exponential_(generator=generator)
-    # E = 0 would turn a removed token's 0/0 into NaN, which argmax treats as the maximum.
-    race_BV.clamp_min_(torch.finfo(race_BV.dtype).tiny)
+    # E = -log U with U ~ Uniform[0, 1): five times cheaper than `exponential_` on CPU (measured
+    # 77 vs 384 us for 64 x 320). U < 1 keeps E > 0, so removed tokens give 0 / E = 0, never NaN.
+    race_BV = torch.empty_like(probs_BV).uniform_(generator=generator).log_().neg_()
     return probs_BV.div_(race_BV).argmax(dim=-1)
 
 

@@ -40,6 +40,13 @@ def _fsync_tree(path: Path) -> None:
     _fsync_dir(path)
 
 
+def seed_all(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) for a reproducible run."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     state = {
         "python": random.getstate(),
