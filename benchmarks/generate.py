@@ -48,7 +48,9 @@ def make_prompts(count: int, seed: int = 0) -> list[list[int]]:
     return [torch.randint(0, 256, (length,), generator=generator).tolist() for length in lengths]
 
 
-def useful_flops(model: torch.nn.Module, prompts: list[list[int]], n: int, new_tokens: int) -> float:
+def useful_flops(
+    model: torch.nn.Module, prompts: list[list[int]], n: int, new_tokens: int
+) -> float:
     config = model.config
     layers, hidden, vocab = config.num_hidden_layers, config.hidden_size, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads

@@ -1,2 +1,3 @@
 """posttrain: post-training language models with feedback."""
+
 __version__ = "0.1.0"
