@@ -342,6 +342,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker_main(args.worker, args.spec)
+    args.variants = list(dict.fromkeys(args.variants))  # each once, in the order given
     if args.quick:
         args.sizes, args.warmup, args.steps, args.records = ["tiny"], 1, 3, 128
     if args.warmup < 1:

@@ -1,15 +1,17 @@
 """The built-in sampler: batched KV-cache generation with any Hugging Face causal LM.
 
 One `generate` call:
-  1. prefill: the distinct prompts, sorted by length and cut into buckets of similar length
-     (little padding), each bucket left-padded with an attention mask and position ids that
-     start at 0 on the first real token; each prompt is prefilled once, whatever n;
-  2. the buckets' keys/values are copied into one preallocated `RowCache`, each prompt's row
-     repeated for its n samples, all prompts right-aligned at the longest prompt's width;
-  3. decode: one forward per step over the rows still running (`logits_to_keep=1`, a boolean
-     4D padding mask sliced from a buffer built once, positions kept as a tensor); the next
-     token and its logprob come from `choose_next_tokens`; rows that finish are dropped from
-     the batch and the cache, so the cost follows the tokens generated, not the longest row.
+  1. prefill: every distinct prompt but its last token, packed several to a row (first-fit
+     decreasing into rows of at least `_PACK_WIDTH` tokens, a block-diagonal causal mask, and
+     position ids restarting at 0 for each prompt), so padding costs almost nothing and each
+     prompt is prefilled once, whatever n;
+  2. one gather per layer copies each prompt's keys/values into a preallocated `RowCache`,
+     right-aligned at the longest prompt's width, once for each of its n sample rows;
+  3. decode: the last prompt token of every row is the first step; each step is one forward
+     over the rows still running (`logits_to_keep=1`, a 4D padding mask sliced from a buffer
+     built once, positions kept as a tensor); the next token and its logprob come from
+     `choose_next_tokens`; rows that finish are dropped from the batch and the cache, so the
+     cost follows the tokens generated, not the longest row.
 """
 
 from __future__ import annotations
@@ -31,19 +33,25 @@ from posttrain.rollout.stop import StopStrings
 _RUNNING, _EOS, _STOP, _LENGTH = 0, 1, 2, 3
 _REASONS: dict[int, FinishReason] = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
 
-# A prefill bucket grows while its padded size stays within this factor of its real tokens...
-_BUCKET_PADDING = 1.25
-# ...and below this many padded tokens, which bounds the prefill's activation memory.
-_BUCKET_TOKENS = 16384
+# Packed prefill rows are at least this wide: wide enough that prompts fill them with little
+# left over, narrow enough that attention over the whole row (the mask hides other prompts but
+# SDPA still computes them) stays a few percent of the FLOPs. 64 and 256 were slower here.
+_PACK_WIDTH = 128
+# Tokens per prefill forward (rows x width), which bounds the prefill's activation memory.
+_PREFILL_TOKENS = 16384
+# Attention implementations whose masks the sampler can build: a boolean 4D mask for SDPA, an
+# additive float one for eager. Others (flash-attention, flex) need their own mask formats.
+_SUPPORTED_ATTENTION = ("sdpa", "eager")
 
 
 class HFSampler:
     """Generates completions with a Hugging Face causal LM and a KV cache shared by n samples.
 
-    model: any `transformers` causal LM whose attention layers are full attention (or sliding
-        windows longer than prompt + completion). It may be the policy being trained: it is put
-        in eval mode under `torch.inference_mode` while generating, and its training mode is
-        restored afterwards, so the current weights are always the ones sampled from.
+    model: any `transformers` causal LM on "sdpa" or "eager" attention whose layers attend to
+        the whole sequence (or a sliding window longer than prompt + completion). It may be the
+        policy being trained: it is put in eval mode under `torch.inference_mode` while
+        generating, and its training mode is restored afterwards, so the current weights are
+        always the ones sampled from.
     tokenizer: only needed for stop strings and `Completion.text`.
     eos_token_ids: ids that end a completion with finish reason `eos`; by default the model's
         `generation_config.eos_token_id`, else the tokenizer's eos.
@@ -73,6 +81,12 @@ class HFSampler:
         """Sample `params.n` completions of each prompt; see `RolloutBatch` for the order."""
         prompts = [list(p) for p in prompt_ids]
         _check_prompts(prompts, self.text_config.vocab_size)
+        implementation = self.model.config._attn_implementation
+        if implementation not in _SUPPORTED_ATTENTION:
+            raise NotImplementedError(
+                f"HFSampler builds masks for attention implementations {_SUPPORTED_ATTENTION}; "
+                f"the model uses {implementation!r}: load it with attn_implementation='sdpa'"
+            )
         stop_strings = StopStrings(self.tokenizer, params.stop) if params.stop else None
         generator = self.generator
         if params.seed is not None:
@@ -80,10 +94,20 @@ class HFSampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), decode_attention(self.model):
                 return self._generate(prompts, params, generator, stop_strings)
         finally:
             self.model.train(was_training)
+
+    def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
+        """A boolean (B, 1, q, k) "may attend" mask in the form the model's attention takes:
+        transformers passes 4D masks through untouched; eager adds them to the scores."""
+        if self.model.config._attn_implementation != "eager":
+            return allowed
+        dtype = next(self.model.parameters()).dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min
+        )
 
     def _generate(
         self,
@@ -101,21 +125,23 @@ class HFSampler:
         rows = len(prompts) * n
         row_source = torch.tensor(distinct_of, device=device).repeat_interleave(n)
         prompt_lengths = torch.tensor([len(p) for p in distinct_prompts], device=device)
+        lengths_R = prompt_lengths.index_select(0, row_source)
         prompt_width = int(prompt_lengths.max())
         capacity = prompt_width + max_new - 1  # the last sampled token is never fed back
         _check_attention_span(self.text_config, capacity)
 
-        cache, first_logits_RV = self._prefill(distinct_prompts, row_source, prompt_width, capacity)
-        lengths_R = prompt_lengths.index_select(0, row_source)
+        cache = RowCache(self.text_config.num_hidden_layers, rows, prompt_width, capacity)
+        self._prefill(cache, distinct_prompts, row_source, prompt_width)
         # Which cache columns each row may attend to (its prompt, not the left padding, and all
         # completion columns), built once and sliced per step; None when no prompt is padded,
         # which lets attention run unmasked.
-        padding_mask_RC = None
+        mask_RC = None
         if bool((lengths_R != prompt_width).any()):
             columns_C = torch.arange(capacity, device=device)
-            padding_mask_RC = columns_C >= (prompt_width - lengths_R)[:, None]
-        positions_R1 = lengths_R[:, None].clone()  # the first completion token's position
-        prefill_seconds = time.perf_counter() - start
+            mask_RC = self._mask((columns_C >= (prompt_width - lengths_R)[:, None])[:, None, None])
+        last_prompt_tokens = torch.tensor([p[-1] for p in distinct_prompts], device=device)
+        tokens_B = last_prompt_tokens.index_select(0, row_source)
+        positions_B1 = (lengths_R - 1)[:, None]
 
         stop_ids = sorted(set(params.stop_token_ids))
         eos_ids = [] if params.ignore_eos else sorted(set(self.eos_token_ids))
@@ -128,62 +154,53 @@ class HFSampler:
         active = torch.arange(rows, device=device)  # buffer rows of the rows still running
         texts_so_far: list[list[int]] = [[] for _ in range(rows)] if stop_strings else []
 
-        with decode_attention(self.model) as grouped_attention:
-            logits_BV = first_logits_RV
-            for step in range(max_new):
-                tokens_B, logprobs_B = choose_next_tokens(
-                    logits_BV,
-                    params.temperature,
-                    params.top_k,
-                    params.top_p,
-                    params.min_p,
-                    generator,
+        prefill_seconds = 0.0
+        for step in range(max_new):
+            # Feed the previous token (the last prompt token at step 0) at cache column
+            # prompt_width - 1 + step.
+            mask = None if mask_RC is None else mask_RC[..., : prompt_width + step]
+            logits_BV = self.model(
+                input_ids=tokens_B[:, None],
+                attention_mask=mask,
+                position_ids=positions_B1,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            positions_B1 = positions_B1 + 1
+            if step == 0:
+                prefill_seconds = time.perf_counter() - start
+
+            tokens_B, logprobs_B = choose_next_tokens(
+                logits_BV, params.temperature, params.top_k, params.top_p, params.min_p, generator
+            )
+            tokens_RT[active, step] = tokens_B
+            logprobs_RT[active, step] = logprobs_B
+
+            code_B = torch.zeros_like(tokens_B)
+            if stop_strings is not None:
+                code_B = self._stop_string_codes(
+                    stop_strings, texts_so_far, active, tokens_B, code_B
                 )
-                tokens_RT[active, step] = tokens_B
-                logprobs_RT[active, step] = logprobs_B
-
-                code_B = torch.zeros_like(tokens_B)
-                if stop_strings is not None:
-                    code_B = self._stop_string_codes(
-                        stop_strings, texts_so_far, active, tokens_B, code_B
-                    )
-                if stop_ids:
-                    code_B = torch.where(torch.isin(tokens_B, stop_ids_t), _STOP, code_B)
-                if eos_ids:
-                    code_B = torch.where(torch.isin(tokens_B, eos_ids_t), _EOS, code_B)
-                if step == max_new - 1:
-                    code_B = torch.where(code_B == _RUNNING, _LENGTH, code_B)
-                finish_R[active] = code_B
-                length_R[active] = step + 1
-                if step == max_new - 1:
+            if stop_ids:
+                code_B = torch.where(torch.isin(tokens_B, stop_ids_t), _STOP, code_B)
+            if eos_ids:
+                code_B = torch.where(torch.isin(tokens_B, eos_ids_t), _EOS, code_B)
+            if step == max_new - 1:
+                code_B = torch.where(code_B == _RUNNING, _LENGTH, code_B)
+            finish_R[active] = code_B
+            length_R[active] = step + 1
+            running_B = code_B == _RUNNING
+            if not bool(running_B.all()):  # the one host sync per step
+                keep_B = running_B.nonzero().squeeze(1)
+                if keep_B.numel() == 0:
                     break
-                running_B = code_B == _RUNNING
-                if not bool(running_B.all()):  # the one host sync per step
-                    keep_B = running_B.nonzero().squeeze(1)
-                    if keep_B.numel() == 0:
-                        break
-                    active = active.index_select(0, keep_B)
-                    tokens_B = tokens_B.index_select(0, keep_B)
-                    positions_R1 = positions_R1.index_select(0, keep_B)
-                    cache.batch_select_indices(keep_B)
-                    if padding_mask_RC is not None:
-                        padding_mask_RC = padding_mask_RC.index_select(0, keep_B)
-
-                mask = None
-                if padding_mask_RC is not None:
-                    mask = padding_mask_RC[:, : prompt_width + step + 1]
-                    # A ready (B, 1, 1, k) boolean mask is passed through untouched by transformers;
-                    # otherwise it builds the model's own mask from the 2D one at every step.
-                    mask = mask[:, None, None, :] if grouped_attention else mask
-                logits_BV = self.model(
-                    input_ids=tokens_B[:, None],
-                    attention_mask=mask,
-                    position_ids=positions_R1,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
-                ).logits[:, -1]
-                positions_R1 = positions_R1 + 1
+                active = active.index_select(0, keep_B)
+                tokens_B = tokens_B.index_select(0, keep_B)
+                positions_B1 = positions_B1.index_select(0, keep_B)
+                cache.batch_select_indices(keep_B)
+                if mask_RC is not None:
+                    mask_RC = mask_RC.index_select(0, keep_B)
 
         completions = self._completions(
             n, tokens_RT, logprobs_RT, finish_R, length_R, stop_strings, params
@@ -200,66 +217,60 @@ class HFSampler:
 
     def _prefill(
         self,
+        cache: RowCache,
         distinct_prompts: list[list[int]],
         row_source: torch.Tensor,
         prompt_width: int,
-        capacity: int,
-    ) -> tuple[RowCache, torch.Tensor]:
-        """Prefill the distinct prompts in length buckets; return the filled cache (one row per
-        sample) and the logits of each row's first completion token, (R, V)."""
+    ) -> None:
+        """Prefill every distinct prompt but its last token, packed, into `cache`."""
         device = self.device
-        rows = row_source.numel()
-        cache: RowCache | None = None
-        last_logits: list[torch.Tensor] = []
-        order: list[int] = []
-        for bucket in _length_buckets([len(p) for p in distinct_prompts]):
-            width = len(distinct_prompts[bucket[0]])
-            input_ids = torch.zeros((len(bucket), width), dtype=torch.long, device=device)
-            attention_mask = torch.zeros_like(input_ids)
-            for i, index in enumerate(bucket):
-                prompt = distinct_prompts[index]
-                input_ids[i, width - len(prompt) :] = torch.tensor(prompt, device=device)
-                attention_mask[i, width - len(prompt) :] = 1
-            padded = not bool(attention_mask.all())
-            prefilled = DynamicCache()
-            logits = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask if padded else None,
-                position_ids=(attention_mask.cumsum(1) - 1).clamp_min(0),
-                past_key_values=prefilled,
+        prefixes = [p[:-1] for p in distinct_prompts]
+        columns = prompt_width - 1  # the prefix columns of the cache
+        if columns == 0:
+            return  # every prompt is one token: nothing to prefill
+        width = max(_PACK_WIDTH, columns)
+        packed_rows = _pack(prefixes, width)
+        rows_per_call = max(1, _PREFILL_TOKENS // width)
+        for first in range(0, len(packed_rows), rows_per_call):
+            chunk = packed_rows[first : first + rows_per_call]
+            input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
+            position_ids = torch.zeros_like(input_ids)
+            segment = torch.full_like(input_ids, -1)
+            # Flat (row * width + offset) position of each distinct prompt's first prefix token,
+            # minus its left padding, so that column c of the cache reads start + c.
+            start_of = torch.zeros(len(distinct_prompts), dtype=torch.long)
+            in_chunk = torch.zeros(len(distinct_prompts), dtype=torch.bool)
+            for row, members in enumerate(chunk):
+                offset = 0
+                for number, index in enumerate(members):
+                    prefix = prefixes[index]
+                    end = offset + len(prefix)
+                    input_ids[row, offset:end] = torch.tensor(prefix)
+                    position_ids[row, offset:end] = torch.arange(len(prefix))
+                    segment[row, offset:end] = number
+                    start_of[index] = row * width + offset - (columns - len(prefix))
+                    in_chunk[index] = True
+                    offset = end
+            # Causal within each prompt, nothing across prompts; padding attends to itself
+            # (a fully masked row would give NaN, which would leak through the values).
+            causal = torch.ones((width, width), dtype=torch.bool).tril_()
+            allowed = (segment[:, :, None] == segment[:, None, :]) & causal
+            allowed |= torch.eye(width, dtype=torch.bool)
+            packed = DynamicCache()
+            self.model(
+                input_ids=input_ids.to(device),
+                attention_mask=self._mask(allowed[:, None].to(device)),
+                position_ids=position_ids.to(device),
+                past_key_values=packed,
                 use_cache=True,
                 logits_to_keep=1,
-            ).logits[:, -1]
-            if cache is None:
-                keys = prefilled.layers[0].keys
-                cache = RowCache(
-                    num_layers=len(prefilled.layers),
-                    rows=rows,
-                    kv_heads=keys.shape[1],
-                    head_dim=keys.shape[3],
-                    prompt_width=prompt_width,
-                    capacity=capacity,
-                    dtype=keys.dtype,
-                    device=device,
-                )
-            # Buffer rows whose source prompt is in this bucket, and that prompt's bucket row.
-            bucket_row_of = torch.full((len(distinct_prompts),), -1, device=device)
-            bucket_row_of[torch.tensor(bucket, device=device)] = torch.arange(
-                len(bucket), device=device
             )
-            source_rows = bucket_row_of.index_select(0, row_source)
-            target_rows = (source_rows >= 0).nonzero().squeeze(1)
-            cache.write_prompts(prefilled, source_rows.index_select(0, target_rows), target_rows)
-            last_logits.append(logits)
-            order.extend(bucket)
-        assert cache is not None
-        # Logits come bucket by bucket; put them back in distinct-prompt order, then per row.
-        position_of = torch.empty(len(order), dtype=torch.long, device=device)
-        position_of[torch.tensor(order, device=device)] = torch.arange(len(order), device=device)
-        first_logits_RV = torch.cat(last_logits).index_select(
-            0, position_of.index_select(0, row_source)
-        )
-        return cache, first_logits_RV
+            target_rows = in_chunk.to(device).index_select(0, row_source).nonzero().squeeze(1)
+            start_T = start_of.to(device).index_select(0, row_source.index_select(0, target_rows))
+            source_TC = start_T[:, None] + torch.arange(columns, device=device)
+            # Left-padding columns point before their prompt; any valid position will do.
+            source_TC = source_TC.clamp_(0, len(chunk) * width - 1)
+            cache.write_packed(packed, source_TC, target_rows)
 
     def _stop_string_codes(
         self,
@@ -362,25 +373,64 @@ def _check_attention_span(config: Any, capacity: int) -> None:
         )
 
 
-def _length_buckets(lengths: list[int]) -> list[list[int]]:
-    """Group prompt indices, longest first, into buckets of similar length.
+def _default_eos_ids(model: PreTrainedModel, tokenizer: Any | None) -> list[int]:
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None and tokenizer is not None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
 
-    Left-padding a batch to its longest prompt wastes compute on padding; prefilling each length
-    on its own costs a forward per length. A bucket grows while its padded size stays within
-    `_BUCKET_PADDING` of its real tokens and under `_BUCKET_TOKENS` padded tokens.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    buckets: list[list[int]] = []
-    real = 0
-    for index in order:
-        if buckets:
-            bucket = buckets[-1]
-            width = lengths[bucket[0]]
-            padded = width * (len(bucket) + 1)
-            if padded <= _BUCKET_PADDING * (real + lengths[index]) and padded <= _BUCKET_TOKENS:
-                bucket.append(index)
-                real += lengths[index]
-                continue
-        buckets.append([index])
-        real = lengths[index]
-    return buckets
+
+def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
+    if not prompts:
+        raise ValueError("prompt_ids is empty: expected at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt_ids[{i}] is empty: expected at least one token id")
+        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab_size)]
+        if bad:
+            raise ValueError(
+                f"prompt_ids[{i}] holds {bad[0]!r}: expected int token ids in [0, {vocab_size})"
+            )
+
+
+def _check_attention_span(config: Any, capacity: int) -> None:
+    """Refuse models whose attention is not plain causal over the whole sequence, because the
+    sampler passes one 4D padding mask to every layer and keeps every position in the cache."""
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
+    window = getattr(config, "sliding_window", None) or getattr(
+        config, "attention_chunk_size", None
+    )
+    for layer_type in set(layer_types):
+        if layer_type == "full_attention":
+            continue
+        if (
+            layer_type in ("sliding_attention", "chunked_attention")
+            and window
+            and capacity <= window
+        ):
+            continue  # the window covers prompt + completion, so it is full attention here
+        raise NotImplementedError(
+            f"HFSampler supports full-attention layers; {type(config).__name__} has "
+            f"{layer_type!r} layers (window {window}) and prompt + completion needs {capacity} "
+            "positions. Use a shorter max_new_tokens or the vLLM engine."
+        )
+
+
+def _pack(prefixes: list[list[int]], width: int) -> list[list[int]]:
+    """First-fit decreasing: indices of the non-empty prefixes, grouped into rows of `width`."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(prefixes)), key=lambda i: -len(prefixes[i])):
+        size = len(prefixes[index])
+        if size == 0:
+            continue
+        row = next((r for r, room in enumerate(free) if room >= size), None)
+        if row is None:
+            rows.append([])
+            free.append(width)
+            row = len(rows) - 1
+        rows[row].append(index)
+        free[row] -= size
+    return rows

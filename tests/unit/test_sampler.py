@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.models.tiny import EOS_ID, PAD_ID, build_model, build_tokenizer
-from posttrain.rollout import HFSampler, RolloutBatch, Sampler, SamplingParams
+from posttrain.rollout import HFSampler, RolloutBatch, Sampler, SamplingParams, hf_sampler
 from posttrain.rollout.sampling import truncate_logprobs
 
 # Small enough that the whole file runs in seconds; initializer_range 0.1 (HF default 0.02)
@@ -111,6 +111,23 @@ def test_greedy_matches_hf_when_rows_finish_early_and_finished_rows_leave_the_ba
     running = [sum(len(row) > s + 1 for row in expected) for s in range(longest - 1)]
     assert batch_sizes[-len(running) :] == running
     assert running[-1] < running[0]
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[1, 1, 1], [150, 3, 40, 130, 1, 77, 40]],
+    ids=["one-token-prompts", "long-prompts-several-prefill-calls"],
+)
+def test_greedy_matches_hf_with_one_token_and_long_prompts(
+    lengths: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Edge cases of the packed prefill: nothing to prefill, and prompts wider than a packed
+    row split over several forward calls (the token budget is shrunk to force it)."""
+    monkeypatch.setattr(hf_sampler, "_PREFILL_TOKENS", 300)
+    model = tiny("llama").eval()
+    prompts = ragged_prompts(lengths, seed=5)
+    batch = HFSampler(model).generate(prompts, SamplingParams.greedy(max_new_tokens=12, n=2))
+    assert [c.token_ids for c in batch.completions] == hf_greedy(model, prompts, 2, 12, EOS_ID)
 
 
 def test_eager_attention_path_matches_hf_generate() -> None:
