@@ -1,4 +1,4 @@
-"""Decode-time attention for models that use PyTorch SDPA: grouped query heads under a mask.
+"""Sampler attention for models that use PyTorch SDPA: grouped query heads under a mask.
 
 Transformers' `sdpa_attention_forward` copies the key/value heads up to the query heads
 (`repeat_kv`) whenever an attention mask is given, because CUDA's fused kernels do not take a
@@ -6,8 +6,8 @@ mask together with `enable_gqa`. The sampler always has a mask when prompts are 
 padding), so every decode step would copy the whole cache of every layer. On CPU, PyTorch's
 SDPA takes `enable_gqa=True` together with a boolean mask and attends the grouped heads in
 place (measured: see docs/sampler.md). This function is registered under its own name and
-swapped in only while the sampler decodes on CPU; prefill, training and CUDA (where a mask with
-`enable_gqa` may fall back to the math kernel; not measured here) keep the model's own "sdpa".
+swapped in only while the sampler runs on CPU; training and CUDA (where a mask with `enable_gqa`
+may fall back to the math kernel; not measured here) keep the model's own "sdpa".
 """
 
 from __future__ import annotations
@@ -59,20 +59,22 @@ AttentionInterface.register(GROUPED_SDPA, grouped_sdpa_forward)
 
 
 @contextmanager
-def decode_attention(model: torch.nn.Module) -> Iterator[bool]:
+def sampling_attention(model: torch.nn.Module) -> Iterator[None]:
     """While active, a CPU model on "sdpa" attends with `grouped_sdpa_forward`.
 
-    Yields True when the swap happened: the caller may then pass a ready boolean 4D mask
-    (B, 1, 1, k), which transformers forwards as is. Other implementations (eager wants an
-    additive float mask, flash-attention a 2D one) yield False and keep building their own masks.
+    The sampler passes ready 4D masks, which transformers forwards untouched to whichever
+    function is active; masks are therefore built the same way with or without the swap.
     """
-    config = model.config
+    # The decoder's own config: the one its attention modules read. Set the internal attribute,
+    # since the public setter would also overwrite other sub-models' choices (e.g. a vision tower).
+    config = model.config.get_text_config(decoder=True)
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if config._attn_implementation != "sdpa" or not on_cpu:
-        yield False
+    original = config._attn_implementation
+    if original != "sdpa" or not on_cpu:
+        yield
         return
-    config._attn_implementation = GROUPED_SDPA
+    config._attn_implementation_internal = GROUPED_SDPA
     try:
-        yield True
+        yield
     finally:
-        config._attn_implementation = "sdpa"
+        config._attn_implementation_internal = original

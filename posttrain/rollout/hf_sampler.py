@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from posttrain.rollout.attention import decode_attention
+from posttrain.rollout.attention import sampling_attention
 from posttrain.rollout.interface import Completion, FinishReason, RolloutBatch, SamplingParams
 from posttrain.rollout.kv_cache import RowCache
 from posttrain.rollout.sampling import choose_next_tokens
@@ -81,7 +81,7 @@ class HFSampler:
         """Sample `params.n` completions of each prompt; see `RolloutBatch` for the order."""
         prompts = [list(p) for p in prompt_ids]
         _check_prompts(prompts, self.text_config.vocab_size)
-        implementation = self.model.config._attn_implementation
+        implementation = self.text_config._attn_implementation
         if implementation not in _SUPPORTED_ATTENTION:
             raise NotImplementedError(
                 f"HFSampler builds masks for attention implementations {_SUPPORTED_ATTENTION}; "
@@ -94,7 +94,7 @@ class HFSampler:
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.inference_mode(), decode_attention(self.model):
+            with torch.inference_mode(), sampling_attention(self.model):
                 return self._generate(prompts, params, generator, stop_strings)
         finally:
             self.model.train(was_training)
@@ -102,7 +102,7 @@ class HFSampler:
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """A boolean (B, 1, q, k) "may attend" mask in the form the model's attention takes:
         transformers passes 4D masks through untouched; eager adds them to the scores."""
-        if self.model.config._attn_implementation != "eager":
+        if self.text_config._attn_implementation != "eager":
             return allowed
         dtype = next(self.model.parameters()).dtype
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(
@@ -168,7 +168,9 @@ class HFSampler:
                 logits_to_keep=1,
             ).logits[:, -1]
             positions_B1 = positions_B1 + 1
-            if step == 0:
+            if step == 0:  # prefill ends with the first logits (synchronised to time it)
+                if logits_BV.device.type != "cpu":
+                    torch.accelerator.synchronize(logits_BV.device)
                 prefill_seconds = time.perf_counter() - start
 
             tokens_B, logprobs_B = choose_next_tokens(

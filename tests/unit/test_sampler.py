@@ -77,6 +77,7 @@ def test_greedy_matches_hf_generate_on_ragged_prompts_with_n_samples(arch: str) 
     batch = HFSampler(model).generate(prompts, SamplingParams.greedy(max_new_tokens=24, n=2))
     expected = hf_greedy(model, prompts, n=2, max_new_tokens=24, eos=EOS_ID)
     assert [c.token_ids for c in batch.completions] == expected
+    assert model.config._attn_implementation == "sdpa"  # the sampler's swap is undone
     assert [c.prompt_index for c in batch.completions] == [i for i in range(6) for _ in range(2)]
 
 
