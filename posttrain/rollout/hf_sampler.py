@@ -375,51 +375,6 @@ def _check_attention_span(config: Any, capacity: int) -> None:
         )
 
 
-def _default_eos_ids(model: PreTrainedModel, tokenizer: Any | None) -> list[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None and tokenizer is not None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return []
-    return [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
-
-
-def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
-    if not prompts:
-        raise ValueError("prompt_ids is empty: expected at least one prompt")
-    for i, prompt in enumerate(prompts):
-        if not prompt:
-            raise ValueError(f"prompt_ids[{i}] is empty: expected at least one token id")
-        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab_size)]
-        if bad:
-            raise ValueError(
-                f"prompt_ids[{i}] holds {bad[0]!r}: expected int token ids in [0, {vocab_size})"
-            )
-
-
-def _check_attention_span(config: Any, capacity: int) -> None:
-    """Refuse models whose attention is not plain causal over the whole sequence, because the
-    sampler passes one 4D padding mask to every layer and keeps every position in the cache."""
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
-    window = getattr(config, "sliding_window", None) or getattr(
-        config, "attention_chunk_size", None
-    )
-    for layer_type in set(layer_types):
-        if layer_type == "full_attention":
-            continue
-        if (
-            layer_type in ("sliding_attention", "chunked_attention")
-            and window
-            and capacity <= window
-        ):
-            continue  # the window covers prompt + completion, so it is full attention here
-        raise NotImplementedError(
-            f"HFSampler supports full-attention layers; {type(config).__name__} has "
-            f"{layer_type!r} layers (window {window}) and prompt + completion needs {capacity} "
-            "positions. Use a shorter max_new_tokens or the vLLM engine."
-        )
-
-
 def _pack(prefixes: list[list[int]], width: int) -> list[list[int]]:
     """First-fit decreasing: indices of the non-empty prefixes, grouped into rows of `width`."""
     rows: list[list[int]] = []
