@@ -1,10 +1,10 @@
 """Batches for training: padding-free packing, and a padded path for models that need it.
 
 Packed: the sequences of a micro-batch are concatenated into one row `(1, N)` with position ids
-restarting at 0 for each sequence and no attention mask. Hugging Face models that build their
-mask with `create_causal_mask` (Llama, Qwen2, Mistral, Gemma, ...) read the restarts as sequence
-boundaries and attend block-diagonally, so no pad token is ever computed. The model must run
-with `use_cache=False`: a cache turns that detection off.
+restarting at 0 for each sequence, and a `PackedLayout` saying where each sequence lies; the
+attention in `posttrain.models.packed_attention` then attends within each sequence only, so no
+pad token is ever computed. `pack_shared` packs groups whose answers share one prompt: the
+prompt's tokens appear (and are computed) once per group.
 
 Padded: right-padded `(B, T)` rows with an attention mask, for models whose attention cannot
 take packed input.
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.data.tokenize import TokenizedExample
+from posttrain.models.packed_attention import Group, PackedLayout, layout_mask
 
 IGNORE = -100
 
@@ -33,26 +34,46 @@ class Batch:
     attention_mask: torch.Tensor | None
     """(B, T) for padded batches, None for packed ones."""
     cu_seqlens: torch.Tensor
-    """(S + 1,) sequence start offsets in the flattened tokens, as flash-attention takes them."""
+    """(G + 1,) start offsets of the packed groups (sequences, or prompts with their answers) in
+    the flattened tokens."""
+    layout: PackedLayout | None = None
+    """For packed batches: where each sequence lies and what it attends to."""
 
     @property
     def packed(self) -> bool:
-        return self.attention_mask is None
+        return self.layout is not None
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens the forward computes (pads excluded)."""
+        return self.input_ids.numel() if self.packed else int(self.attention_mask.sum())
 
     @property
     def num_targets(self) -> int:
         return int((self.labels != IGNORE).sum())
 
     def to(self, device: torch.device | str) -> Batch:
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        move = lambda t: t.to(device, non_blocking=True) if torch.is_tensor(t) else t  # noqa: E731
         return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
 
     def model_inputs(self) -> dict:
-        """Keyword arguments for a Hugging Face causal LM forward."""
+        """Keyword arguments for a Hugging Face model forward (causal LM or its backbone)."""
         inputs = dict(input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False)
-        if self.attention_mask is not None:
+        if self.layout is not None:
+            inputs.update(
+                attention_mask=layout_mask(self.input_ids.device), packed_layout=self.layout
+            )
+        else:
             inputs["attention_mask"] = self.attention_mask
         return inputs
+
+    def target_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed batches: `(K,)` indices of the target tokens in the row, and `(K,)` indices
+        of the tokens whose logits predict them (for a shared prompt's answers, every answer's
+        first token is predicted from the prompt's last token)."""
+        targets = (self.labels[0] != IGNORE).nonzero().squeeze(1)
+        predictors = self.layout.previous_index().to(targets.device)[targets]
+        return targets, predictors
 
 
 def _labels(example: TokenizedExample) -> list[int]:
@@ -67,7 +88,30 @@ def pack(examples: Sequence[TokenizedExample]) -> Batch:
     positions = [p for n in lengths for p in range(n)]
     cu = torch.tensor([0, *lengths]).cumsum(0)
     as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
-    return Batch(as_row(ids), as_row(positions), as_row(labels), None, cu)
+    layout = PackedLayout.sequences(lengths)
+    return Batch(as_row(ids), as_row(positions), as_row(labels), None, cu, layout)
+
+
+def pack_shared(groups: Sequence[tuple[Sequence[int], Sequence[TokenizedExample]]]) -> Batch:
+    """Pack `(prompt_ids, answers)` groups: each prompt once, then its answers, each attending
+    to the prompt and itself. An answer's `input_ids` are its tokens alone (without the prompt)
+    and its `loss_mask` may mark its first token, which the prompt's last token predicts.
+    Position ids continue from the prompt, so the model sees exactly `prompt + answer`."""
+    ids: list[int] = []
+    labels: list[int] = []
+    layout_groups = []
+    for prompt, answers in groups:
+        layout_groups.append((len(ids), len(prompt), tuple(len(a.input_ids) for a in answers)))
+        ids += prompt
+        labels += [IGNORE] * len(prompt)
+        for a in answers:
+            ids += a.input_ids
+            labels += _labels(a)
+
+    layout = PackedLayout(tuple(Group(*g) for g in layout_groups))
+    cu = torch.tensor([*(g[0] for g in layout_groups), len(ids)])
+    as_row = lambda xs: torch.tensor(xs, dtype=torch.long).unsqueeze(0)  # noqa: E731
+    return Batch(as_row(ids), as_row(layout.position_ids()), as_row(labels), None, cu, layout)
 
 
 def pad(examples: Sequence[TokenizedExample], pad_id: int) -> Batch:

@@ -1,8 +1,9 @@
 """Forward passes that compute logits only where a target token needs them.
 
 A causal LM's output head costs `tokens x hidden x vocab`; prompt tokens need none of it.
-Packed batches pass the target positions as `logits_to_keep` (a tensor of indices), so the head
-runs on answer tokens only. Padded batches compute the full logits and select.
+Packed batches pass the positions that predict a target as `logits_to_keep` (a tensor of
+indices, repeated where a shared prompt's last token predicts several answers' first tokens),
+so the head runs on answer tokens only. Padded batches compute the full logits and select.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from posttrain.data.packing import IGNORE, Batch
+from posttrain.models.packed_attention import check_packed_support
 
 
 def target_logits(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -19,11 +21,12 @@ def target_logits(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, t
 
     Order: row-major over the batch's flattened tokens, the same order for packed and padded.
     """
-    next_labels = batch.labels[:, 1:]
     if batch.packed:
-        keep = (next_labels[0] != IGNORE).nonzero().squeeze(1)
-        logits = model(**batch.model_inputs(), logits_to_keep=keep).logits[0]
-        return logits, next_labels[0, keep]
+        check_packed_support(model)
+        targets, predictors = batch.target_positions()
+        logits = model(**batch.model_inputs(), logits_to_keep=predictors).logits[0]
+        return logits, batch.labels[0, targets]
+    next_labels = batch.labels[:, 1:]
     is_target = next_labels != IGNORE
     logits = model(**batch.model_inputs()).logits[:, :-1]
     return logits[is_target], next_labels[is_target]

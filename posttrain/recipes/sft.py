@@ -144,7 +144,7 @@ def run(cfg: SFTConfig) -> dict:
             for part in split_for_rank(indices, t.micro_batch_size, dist)
         ]
         metrics = learner.step(batches, [b.num_targets for b in batches], sft_loss)
-        tokens = dist.all_reduce_sum(torch.tensor(float(sum(b.input_ids.numel() for b in batches))))
+        tokens = dist.all_reduce_sum(torch.tensor(float(sum(b.num_tokens for b in batches))))
         metrics["tokens_per_s"] = float(tokens) / (time.perf_counter() - began)
         done = step + 1
         if eval_set and t.eval_every and done % t.eval_every == 0 and done < t.max_steps:
