@@ -16,6 +16,21 @@ from posttrain.data.records import DataError
 # command -> (module, config class, one-line description); each module has `run(config)`.
 RECIPES: dict[str, tuple[str, str, str]] = {
     "sft": ("posttrain.recipes.sft", "SFTConfig", "supervised fine-tuning on demonstrations"),
+    "rm": (
+        "posttrain.recipes.rm",
+        "RMConfig",
+        "train a reward model on preference pairs or rankings",
+    ),
+    "dpo": (
+        "posttrain.recipes.dpo",
+        "DPOConfig",
+        "direct preference optimization: DPO, IPO, robust/cDPO, hinge, SimPO, ORPO, KTO",
+    ),
+    "grpo": (
+        "posttrain.recipes.grpo",
+        "GRPOConfig",
+        "group-relative online RL with verifiable rewards: GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++",
+    ),
     "quickstart": (
         "posttrain.recipes.quickstart",
         "QuickstartConfig",

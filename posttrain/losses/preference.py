@@ -35,6 +35,7 @@ def bradley_terry_loss(
     *,
     margin: Tensor | None = None,
     center_coef: float = 0.0,
+    weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Reward-model loss under the Bradley-Terry model (InstructGPT, Ouyang et al. 2022, eq. 1).
 
@@ -43,15 +44,20 @@ def bradley_terry_loss(
     - `margin` m `(B,)`: the preference strength (Llama 2, Touvron et al. 2023, eq. 2).
     - `center_coef`: Eisenstein et al. 2023's auxiliary term, which pulls the rewards of each
       pair towards zero sum so that scores are comparable across prompts (0.01 in the paper).
+    - `weights` w `(B,)`: each mean becomes the weighted mean sum(w * x) / sum(w), e.g.
+      w = 1 / C(K, 2) for the pairs of a K-way ranking (InstructGPT eq. 1's normalization).
 
     `chosen_rewards`, `rejected_rewards`: `(B,)` scalar rewards of each pair.
     """
+    mean = (
+        (lambda x: x.mean()) if weights is None else (lambda x: (weights * x).sum() / weights.sum())
+    )
     logits = chosen_rewards - rejected_rewards
     if margin is not None:
         logits = logits - margin
-    loss = -F.logsigmoid(logits).mean()
+    loss = mean(-F.logsigmoid(logits))
     if center_coef:
-        loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
+        loss = loss + center_coef * mean((chosen_rewards + rejected_rewards) ** 2)
     return loss, _reward_metrics(chosen_rewards, rejected_rewards)
 
 
