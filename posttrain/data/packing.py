@@ -75,6 +75,17 @@ class Batch:
         predictors = self.layout.previous_index().to(targets.device)[targets]
         return targets, predictors
 
+    def target_sequence_ids(self) -> torch.Tensor:
+        """`(K,)`: which sequence each target token belongs to, in the order `target_logprobs`
+        returns them. Sequences are numbered in packing order: each answer of a shared prompt
+        is one sequence (`pack_shared`), and so is each example of `pack` or `pad`."""
+        if self.packed:
+            targets, _ = self.target_positions()
+            return self.layout.sequence_ids().to(targets.device)[targets]
+        rows = torch.arange(self.labels.shape[0], device=self.labels.device)
+        is_target = self.labels[:, 1:] != IGNORE
+        return rows[:, None].expand_as(is_target)[is_target]
+
 
 def _labels(example: TokenizedExample) -> list[int]:
     return [t if m else IGNORE for t, m in zip(example.input_ids, example.loss_mask, strict=True)]
