@@ -22,13 +22,14 @@ Same work on both sides:
   schedule, no warmup, gradient clipping at 1.0, seed 0.
 
 Variants, each in its own process with OMP_NUM_THREADS set for both:
-- posttrain: `posttrain sft` as a user runs it (packed padding-free rows, output head on
-  answer positions only).
+- posttrain: `posttrain sft` as a user runs it (packed padding-free rows attended one
+  sequence at a time by `posttrain.models.packed_attention`, output head on answer positions
+  only, fused AdamW).
 - TRL default: the SFTConfig defaults a user gets: right padding to the longest sequence in
   the micro-batch, gradient checkpointing on, fused AdamW.
 - TRL tuned: gradient checkpointing off and `padding_free=True` (which, without packing,
   needs `max_length=None`); on CPU with sdpa, transformers reads the restarting position ids
-  as a block-diagonal mask, as it does for posttrain.
+  as one block-diagonal mask over the whole packed row.
 
 Measured: each process timestamps the end of every optimizer step and counts the real tokens
 it trained (prompt + completion + template tokens; no padding): posttrain through a wrapper
