@@ -41,6 +41,8 @@ class RewardOutput:
     skipped: list[bool] | None = None
     """Completions whose reward failed under the "skip" fallback: recipes leave them out of the
     update. None means none were skipped."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Per-batch numbers for the run log, not per completion (e.g. `reward/math/failures`)."""
 
     def __len__(self) -> int:
         return len(self.scores)

@@ -1,0 +1,255 @@
+"""GRPO recipe parts: the shared-prompt training forward, reuse of the sampler's logprobs,
+dynamic sampling, and each algorithm's advantages and loss on hand-made groups."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from posttrain.config import ConfigError, load_config
+from posttrain.data.packing import pack
+from posttrain.data.tokenize import TokenizedExample
+from posttrain.recipes.grpo import (
+    ALGOS,
+    GRPOConfig,
+    MicroBatch,
+    advantages_of,
+    completion_logprobs,
+    forward_logprobs,
+    keep_groups,
+    loss_weight,
+    micro_batches,
+    objective,
+    overlong_penalty,
+)
+from posttrain.recipes.grpo_inputs import Scorer, digit_match, load_prompt_rows
+from posttrain.rollout import HFSampler, SamplingParams
+
+
+def _samples(seed: int, groups=((5, (3, 7, 1)), (2, (4, 2, 6)))) -> list[dict]:
+    """Groups of completions (prompt length, completion lengths) with random tokens and
+    logprobs; every completion of a group holds the same prompt list object."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for prompt_len, lengths in groups:
+        prompt = torch.randint(0, 256, (prompt_len,), generator=g).tolist()
+        for n in lengths:
+            out.append(
+                {
+                    "prompt_ids": prompt,
+                    "tokens": torch.randint(0, 256, (n,), generator=g).tolist(),
+                    "old_logprobs": -torch.rand(n, generator=g) * 6,
+                    "ref_logprobs": -torch.rand(n, generator=g) * 6,
+                    "advantages": torch.randn(n, generator=g),
+                    "reward": float(torch.rand((), generator=g)),
+                    "trained": True,
+                }
+            )
+    return out
+
+
+def _plain(samples: list[dict]) -> MicroBatch:
+    """The same completions as independent `prompt + completion` sequences (prompt repeated)."""
+    examples = [
+        TokenizedExample(
+            s["prompt_ids"] + s["tokens"],
+            [False] * len(s["prompt_ids"]) + [True] * len(s["tokens"]),
+        )
+        for s in samples
+    ]
+    cat = lambda key: torch.cat([s[key] for s in samples])[None]  # noqa: E731
+    cu = torch.tensor([0] + [len(s["tokens"]) for s in samples]).cumsum(0)
+    return MicroBatch(
+        pack(examples), cat("old_logprobs"), cat("ref_logprobs"), cat("advantages"), cu
+    )
+
+
+@pytest.mark.parametrize("algo", ["grpo", "dapo"])
+def test_shared_prompt_forward_equals_plain_forward(algo, tiny_qwen2):
+    """Loss (clipped surrogate + KL) and every gradient match within 1e-5, while the packed
+    row holds each prompt once. In float64, so that fp32 summation order (one gradient entry in
+    4096 differs by 1.4e-5 in fp32) does not hide a real difference."""
+    g = GRPOConfig(algo=algo, grpo={"beta": 0.1, "temperature": 0.8}).grpo
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2, dtype=torch.float64)
+    samples = _samples(0)
+    for s in samples:
+        for key in ("old_logprobs", "ref_logprobs", "advantages"):
+            s[key] = s[key].double()
+    (shared,) = micro_batches(samples, 16, torch.device("cpu"))
+    plain = _plain(samples)
+    assert shared.batch.input_ids.shape[1] == 5 + 2 + sum(len(s["tokens"]) for s in samples)
+    assert shared.batch.input_ids.shape[1] < plain.batch.input_ids.shape[1]
+
+    def loss_and_grads(mb: MicroBatch):
+        model.zero_grad()
+        logprobs, _ = completion_logprobs(model, mb, g.temperature)
+        loss, _ = objective(logprobs, mb, g)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    loss_shared, grads_shared = loss_and_grads(shared)
+    loss_plain, grads_plain = loss_and_grads(plain)
+    assert loss_shared.abs() > 0.01
+    torch.testing.assert_close(loss_shared, loss_plain, atol=1e-5, rtol=0)
+    for a, b in zip(grads_shared, grads_plain, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_sampler_logprobs_equal_the_training_forward(tiny_qwen2):
+    """pi_old is reused from the sampler (decode path, KV cache): it must equal the training
+    forward (packed, shared prompt, logits at completion tokens only) within 1e-5 in fp32."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+    sampler = HFSampler(model, seed=0)
+    prompts = [[5, 17, 99, 3, 42, 8, 1], [200, 7], [9, 9, 9, 9]]
+    params = SamplingParams(n=4, max_new_tokens=12, temperature=0.7, top_p=0.9, seed=3)
+    batch = sampler.generate(prompts, params)
+    samples = [
+        {
+            "prompt_ids": batch.prompt_ids[c.prompt_index],
+            "tokens": c.token_ids,
+            "old_logprobs": torch.tensor(c.logprobs),
+            "ref_logprobs": None,
+            "advantages": None,
+        }
+        for c in batch.completions
+    ]
+    assert len({len(s["tokens"]) for s in samples}) > 1  # some rows end early (eos)
+    recomputed = forward_logprobs(model, samples, 5, 0.7)  # micro-batches split groups too
+    diff = max(
+        float((a - s["old_logprobs"]).abs().max()) for a, s in zip(recomputed, samples, strict=True)
+    )
+    assert diff < 1e-5
+
+
+def test_dynamic_sampling_keeps_only_groups_whose_rewards_vary():
+    groups = [[{"reward": r} for r in rewards] for rewards in ([1, 1, 1], [0, 1, 0], [0, 0, 0], [1, 0, 1], [0, 0, 1])]  # fmt: skip
+    kept: list = []
+    assert keep_groups(kept, groups[:3], wanted=2, dynamic=True) == 2  # two groups did not vary
+    assert kept == [groups[1]]
+    assert keep_groups(kept, groups[3:], wanted=2, dynamic=True) == 0  # the refill round
+    assert kept == [groups[1], groups[3]]  # full at 2: the last varied group is not taken
+    everything: list = []
+    keep_groups(everything, groups, wanted=5, dynamic=False)
+    assert everything == groups
+
+
+def _group(rewards, lengths, **overrides) -> tuple[list[dict], MicroBatch, object]:
+    g = GRPOConfig(algo=overrides.pop("algo"), grpo={"group_size": len(rewards), **overrides}).grpo
+    samples = _samples(1, groups=((3, lengths),))
+    for s, r in zip(samples, rewards, strict=True):
+        s["reward"] = r
+    for s, a in zip(samples, advantages_of(samples, g), strict=True):
+        s["advantages"] = a
+    (mb,) = micro_batches(samples, 16, torch.device("cpu"))
+    return samples, mb, g
+
+
+def _loss(mb: MicroBatch, g, logprobs: torch.Tensor | None = None) -> float:
+    """What the learner optimizes for one micro-batch: the loss sum over its weight."""
+    loss, _ = objective(mb.old_logprobs if logprobs is None else logprobs, mb, g)
+    return float(loss) / loss_weight(mb, g.aggregation)
+
+
+def test_grpo_wiring():
+    # rewards 1, 0, 0, 1: mean 0.5, std (Bessel) sqrt(4 * 0.25 / 3) = 0.57735
+    samples, mb, g = _group([1, 0, 0, 1], (1, 3, 2, 2), algo="grpo")
+    a = 0.5 / math.sqrt(1 / 3)
+    assert [float(s["advantages"][0]) for s in samples] == pytest.approx([a, -a, -a, a], abs=1e-5)
+    assert (g.clip_eps_low, g.clip_eps_high, g.beta, g.kl_in) == (0.2, 0.2, 0.04, "loss")
+    # ratio 1: loss = -1/G sum_i mean_t A_i + beta * mean_i mean_t k3_it
+    k3 = [(torch.exp(s["ref_logprobs"] - s["old_logprobs"]) - 1 + (s["old_logprobs"] - s["ref_logprobs"])).mean() for s in samples]  # fmt: skip
+    expected = -(a - a - a + a) / 4 + 0.04 * float(sum(k3)) / 4
+    assert _loss(mb, g) == pytest.approx(expected, abs=1e-6)
+
+
+def test_dr_grpo_wiring():
+    samples, mb, g = _group([1, 0, 0, 1], (1, 3, 2, 2), algo="dr_grpo", max_new_tokens=10)
+    assert [float(s["advantages"][0]) for s in samples] == pytest.approx([0.5, -0.5, -0.5, 0.5])
+    assert g.beta == 0.0 and g.aggregation == "seq_mean_token_sum_norm"
+    # ratio 1, no KL: loss = -1/G sum_i (sum_t A_i) / max_new_tokens = -(0.5 - 1.5 - 1 + 1) / 40
+    assert _loss(mb, g) == pytest.approx(1.0 / 40, abs=1e-6)
+
+
+def test_dapo_wiring():
+    samples, mb, g = _group([1, 0, 0, 1], (1, 3, 2, 2), algo="dapo")
+    assert (g.clip_eps_low, g.clip_eps_high, g.dynamic_sampling) == (0.2, 0.28, True)
+    assert g.overlong_buffer == 0.2
+    a = 0.5 / math.sqrt(1 / 3)
+    # token mean over all 8 tokens: -(1 * a - 3 * a - 2 * a + 2 * a) / 8 = 2a / 8
+    assert _loss(mb, g) == pytest.approx(2 * a / 8, abs=1e-6)
+    # clip-higher: with A > 0 the ratio counts up to 1.28 (not 1.2); beyond, the gradient is 0
+    first = mb.old_logprobs.clone()
+    first[0, 0] += math.log(1.25)  # completion 0 (A = +a) has one token
+    assert _loss(mb, g, first) == pytest.approx((2 * a - 0.25 * a) / 8, abs=1e-6)
+    first[0, 0] = mb.old_logprobs[0, 0] + math.log(1.5)
+    assert _loss(mb, g, first) == pytest.approx((2 * a - 0.28 * a) / 8, abs=1e-6)
+    # soft overlong penalty, max 10 tokens, buffer 2: 0 up to 8 tokens, -0.5 at 9, -1 at 10
+    assert overlong_penalty([5, 8, 9, 10], 10, 2, 1.0) == [0, 0, -0.5, -1]
+
+
+def test_rloo_wiring():
+    samples, mb, g = _group([1, 0, 0, 1], (1, 3, 2, 2), algo="rloo", max_new_tokens=10)
+    assert (g.beta, g.kl_in) == (0.05, "reward")
+    # A_i = r_i - beta * KL_i - mean of the others' (r_j - beta * KL_j), KL_i = sum_t k1_it
+    r = torch.tensor([1.0, 0, 0, 1]) - 0.05 * torch.stack([(s["old_logprobs"] - s["ref_logprobs"]).sum() for s in samples])  # fmt: skip
+    expected = [float(r[i] - (r.sum() - r[i]) / 3) for i in range(4)]
+    assert [float(s["advantages"][0]) for s in samples] == pytest.approx(expected, abs=1e-5)
+    # no KL term in the loss: sum_t A_i / 10 summed over the group, / G
+    lengths = [1, 3, 2, 2]
+    assert _loss(mb, g) == pytest.approx(-sum(a * n for a, n in zip(expected, lengths, strict=True)) / 40, abs=1e-6)  # fmt: skip
+
+
+def test_reinforce_pp_wiring():
+    samples, mb, g = _group([1, 0], (1, 3), algo="reinforce_pp", beta=0.0)
+    # returns: the score at every token (gamma 1) -> [1, 0, 0, 0], whitened over the batch's
+    # tokens: mean 0.25, var (0.75^2 + 3 * 0.25^2) / 4 = 0.1875
+    std = math.sqrt(0.1875)
+    expected = [0.75 / std, -0.25 / std, -0.25 / std, -0.25 / std]
+    got = torch.cat([s["advantages"] for s in samples]).tolist()
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert _loss(mb, g) == pytest.approx(-sum(expected) / 4, abs=1e-5)  # token mean, about 0
+    # with the KL in the reward, each token also gets -beta * k1_t before the returns
+    samples, mb, g = _group([1, 0], (1, 3), algo="reinforce_pp")
+    assert g.beta == 0.01 and g.kl_in == "reward"
+    k1 = torch.cat([s["old_logprobs"] - s["ref_logprobs"] for s in samples])
+    rewards = -0.01 * k1 + torch.tensor([1.0, 0, 0, 0])
+    returns = torch.cat([rewards[:1], rewards[1:].flip(0).cumsum(0).flip(0)])
+    whitened = (returns - returns.mean()) / returns.std(unbiased=False)
+    got = torch.cat([s["advantages"] for s in samples])
+    torch.testing.assert_close(got, whitened, atol=1e-4, rtol=0)
+
+
+def test_algo_defaults_fill_only_unset_keys_and_typos_fail():
+    cfg = load_config(GRPOConfig, overrides=["algo=dapo", "grpo.clip_eps_high=0.3"])
+    assert cfg.grpo.clip_eps_high == 0.3  # set explicitly: kept
+    assert cfg.grpo.aggregation == ALGOS["dapo"].aggregation
+    with pytest.raises(ConfigError, match="did you mean 'grpo.group_size'"):
+        load_config(GRPOConfig, overrides=["grpo.grup_size=4"])
+    with pytest.raises(ConfigError, match="algo"):
+        load_config(GRPOConfig, overrides=["algo=ppo"])
+
+
+def test_task_rows_hold_out_disjoint_prompts():
+    data = GRPOConfig(data={"task": "arithmetic", "train_size": 300, "eval_size": 100}).data
+    train, held_out = load_prompt_rows(data, seed=0)
+    assert len(train) == 300 and len(held_out) == 100
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held_out}
+    assert {"id", "prompt", "answer"} <= set(train[0])
+
+
+def test_digit_match_gives_partial_credit_right_aligned():
+    out = digit_match(["", "", "", "", ""], ["53", "56", " -45 ", "153", ""], answer=["53"] * 2 + ["-55", "53", "7"])  # fmt: skip
+    # 2/2 digits; units wrong (1/2); '-','5' right of 3 (2/3); '5','3' right of 3 chars (2/3); 0
+    assert out.scores == pytest.approx([1.0, 0.5, 2 / 3, 2 / 3, 0.0])
+
+
+def test_scorer_sums_weighted_rewards_and_reports_components():
+    scorer = Scorer([{"name": "exact_match", "weight": 2.0}, {"name": "posttrain.recipes.grpo_inputs:digit_match", "weight": 0.5}])  # fmt: skip
+    rows = [{"id": "a", "prompt": "50+03=", "answer": "53"}] * 2
+    first, second = scorer(rows, ["53", "56"], [3, 3])
+    assert first["reward"] == pytest.approx(2.0 + 0.5) and first["correct"]
+    assert second["reward"] == pytest.approx(0.25) and not second["correct"]
+    assert second["components"] == {"exact_match": 0.0, "digit_match": 0.5}
