@@ -151,6 +151,8 @@ def _field_at(model: type[BaseModel], path: tuple) -> tuple[type[BaseModel] | No
 def _describe(model: type[BaseModel], error: dict) -> str:
     path = tuple(p for p in error["loc"] if not isinstance(p, int))
     dotted = ".".join(str(p) for p in error["loc"])
+    if not path:  # a whole-config (model-level) validator failed: its message says why
+        return f"invalid config: {error['msg']}"
     if error["type"] == "extra_forbidden":
         section, _ = _field_at(model, path)
         names = list(section.model_fields) if section else []

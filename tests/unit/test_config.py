@@ -67,3 +67,22 @@ def test_help_shows_every_field_docstring(capsys):
     assert "optim.lr (float, default 0.0001)" in out
     assert "Peak learning rate of AdamW." in out
     assert "train.micro_batch_size" in out and "model.lora.r" in out
+
+
+def test_model_level_validator_error_is_reported_not_crashed():
+    from pydantic import model_validator
+
+    from posttrain.config import Section
+
+    class Pair(Section):
+        low: int = 0
+        high: int = 1
+
+        @model_validator(mode="after")
+        def ordered(self):
+            if self.low > self.high:
+                raise ValueError("low must not exceed high")
+            return self
+
+    with pytest.raises(ConfigError, match="invalid config: .*low must not exceed high"):
+        load_config(Pair, None, ["low=5"])
