@@ -89,6 +89,14 @@ def remove_partial(root: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def _discard(checkpoint: Path) -> None:
+    """Delete a checkpoint without ever leaving a half-deleted one under its real name: rename
+    it to a `.tmp-` name first (atomic), which `remove_partial` cleans up if we die here."""
+    doomed = checkpoint.with_name(f".tmp-old-{checkpoint.name}")
+    os.rename(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -121,11 +129,11 @@ def save_checkpoint(
     if dist.is_main:
         _fsync_tree(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _discard(final)
         os.rename(tmp, final)
         _fsync_dir(root)
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     dist.barrier()
     return final
 
