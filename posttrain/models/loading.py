@@ -42,6 +42,24 @@ def load_causal_lm(
         path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
     ).to(device)
     model.config.use_cache = False
+    return prepare_for_training(
+        model, gradient_checkpointing=gradient_checkpointing, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_target_modules=lora_target_modules, task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def prepare_for_training(
+    model: PreTrainedModel,
+    *,
+    gradient_checkpointing: bool,
+    lora_r: int,
+    lora_alpha: int,
+    lora_dropout: float,
+    lora_target_modules: list[str] | str,
+    task_type: str,
+) -> PreTrainedModel:
+    """Turn on gradient checkpointing and wrap in LoRA adapters (`lora_r > 0`) as asked."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora_r > 0:
@@ -52,7 +70,7 @@ def load_causal_lm(
             lora_alpha=lora_alpha,
             lora_dropout=lora_dropout,
             target_modules=lora_target_modules,
-            task_type="CAUSAL_LM",
+            task_type=task_type,
         )
         model = get_peft_model(model, config)
     return model

@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from posttrain.data.packing import Batch
-from posttrain.models.loading import resolve_dtype
+from posttrain.models.loading import prepare_for_training, resolve_dtype
 from posttrain.models.packed_attention import check_packed_support
 
 
@@ -115,17 +115,9 @@ def load_reward_model(
     model.config.reward_head_weights = [float(w) for w in head_weights]
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if lora_r > 0:
-        from peft import LoraConfig, get_peft_model
-
-        config = LoraConfig(
-            r=lora_r,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            target_modules=lora_target_modules,
-            task_type="SEQ_CLS",
-        )
-        model = get_peft_model(model, config)
+    model = prepare_for_training(
+        model, gradient_checkpointing=gradient_checkpointing, lora_r=lora_r,
+        lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_target_modules=lora_target_modules, task_type="SEQ_CLS",
+    )  # fmt: skip
     return RewardModel(model)

@@ -70,10 +70,10 @@ from posttrain.models.reference import (
     sequence_logprobs,
     tokens_fingerprint,
 )
-from posttrain.train.checkpoint import seed_all
-from posttrain.train.distributed import Dist, init_distributed
+from posttrain.train.distributed import Dist
 from posttrain.train.learner import Learner, split_for_rank, step_indices
 from posttrain.train.metrics import MetricsLogger
+from posttrain.train.run import start_run
 
 LossName = Literal["dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto"]
 REFERENCE_FREE = ("simpo", "orpo")
@@ -261,18 +261,11 @@ def evaluate(
 
 def run(cfg: DPOConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to `summary.json`."""
-    dist = init_distributed(cfg.train.device)
     t = cfg.train
-    if t.batch_size % (t.micro_batch_size * dist.world_size):
-        raise ValueError(
-            f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size} x {dist.world_size} processes"
-        )
-    seed_all(t.seed)
-    out = Path(t.out_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+    dist, out = start_run(
+        t.out_dir, dump_config(cfg), device=t.device, seed=t.seed, batch_size=t.batch_size,
+        micro_batch_size=t.micro_batch_size,
+    )  # fmt: skip
 
     tokenizer = load_tokenizer(cfg.model.path)
     chat = uses_chat_template(tokenizer, cfg.data.chat_template)
@@ -297,12 +290,7 @@ def run(cfg: DPOConfig) -> dict:
         m.path, gradient_checkpointing=m.gradient_checkpointing, lora_r=lora.r if lora.enabled else 0,
         lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_target_modules=lora.target_modules,
     )  # fmt: skip
-    o = cfg.optim
-    learner = Learner(
-        model, dist, lr=o.lr, total_steps=t.max_steps, weight_decay=o.weight_decay,
-        betas=o.betas, eps=o.eps, max_grad_norm=o.max_grad_norm, schedule=o.schedule,
-        warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
-    )  # fmt: skip
+    learner = Learner(model, dist, total_steps=t.max_steps, **cfg.optim.model_dump())
     packed, pad_id = cfg.data.packing, tokenizer.pad_token_id
     batching = dict(micro_batch_size=t.micro_batch_size, packed=packed, pad_id=pad_id)
     summary: dict = {"loss": cfg.loss, "train_pairs": len(train_set), "eval_pairs": len(eval_set)}

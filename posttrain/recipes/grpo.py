@@ -401,12 +401,8 @@ def run(cfg: GRPOConfig) -> dict:
         reference = load_causal_lm(m.path, device, **load).requires_grad_(False)
     sampler = HFSampler(model, tokenizer, seed=r.seed)
     minibatch = g.minibatch_size or P * G
-    o = cfg.optim
-    learner = Learner(
-        model, dist, lr=o.lr, total_steps=r.max_steps * g.epochs * math.ceil(P * G / minibatch),
-        weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, max_grad_norm=o.max_grad_norm,
-        schedule=o.schedule, warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
-    )  # fmt: skip
+    optimizer_steps = r.max_steps * g.epochs * math.ceil(P * G / minibatch)
+    learner = Learner(model, dist, total_steps=optimizer_steps, **cfg.optim.model_dump())
     start = learner.resume(out) if r.resume else 0
     logger = MetricsLogger(
         out, enabled=True, total_steps=r.max_steps, start_step=start, progress=r.progress,

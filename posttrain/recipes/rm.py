@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 from pydantic import ValidationInfo, field_validator
@@ -52,10 +51,10 @@ from posttrain.data.tokenize import uses_chat_template
 from posttrain.losses import bradley_terry_loss
 from posttrain.models.loading import load_tokenizer, save_pretrained
 from posttrain.models.reward import RewardModel, load_reward_model
-from posttrain.train.checkpoint import seed_all
-from posttrain.train.distributed import Dist, init_distributed
+from posttrain.train.distributed import Dist
 from posttrain.train.learner import Learner, split_for_rank, step_indices
 from posttrain.train.metrics import MetricsLogger
+from posttrain.train.run import start_run
 
 RESERVED_COLUMNS = {"prompt", "chosen", "rejected", "responses", "margin", "id"}
 
@@ -213,18 +212,11 @@ def _eval_metrics(result: dict) -> dict:
 
 def run(cfg: RMConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to `summary.json`."""
-    dist = init_distributed(cfg.train.device)
     t, r = cfg.train, cfg.reward
-    if t.batch_size % (t.micro_batch_size * dist.world_size):
-        raise ValueError(
-            f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size} x {dist.world_size} processes"
-        )
-    seed_all(t.seed)
-    out = Path(t.out_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+    dist, out = start_run(
+        t.out_dir, dump_config(cfg), device=t.device, seed=t.seed, batch_size=t.batch_size,
+        micro_batch_size=t.micro_batch_size,
+    )  # fmt: skip
 
     # Read and validate the records first, so bad data fails before a model loads.
     train_records, eval_records = load_train_eval(
@@ -259,12 +251,7 @@ def run(cfg: RMConfig) -> dict:
     eval_source = cfg.data.eval or f"{cfg.data.train} (held out)"
     eval_set = tokenize_comparisons(encoder, eval_records, source=eval_source, **limits)
 
-    o = cfg.optim
-    learner = Learner(
-        model, dist, lr=o.lr, total_steps=t.max_steps, weight_decay=o.weight_decay,
-        betas=o.betas, eps=o.eps, max_grad_norm=o.max_grad_norm, schedule=o.schedule,
-        warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
-    )  # fmt: skip
+    learner = Learner(model, dist, total_steps=t.max_steps, **cfg.optim.model_dump())
     start = learner.resume(out) if t.resume else 0
     logger = MetricsLogger(
         out, enabled=dist.is_main, total_steps=t.max_steps, start_step=start,

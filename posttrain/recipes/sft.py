@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -21,10 +20,10 @@ from posttrain.data.splits import load_train_eval
 from posttrain.data.tokenize import TokenizedExample, tokenize_sft, uses_chat_template
 from posttrain.models.loading import load_causal_lm, load_tokenizer, save_pretrained
 from posttrain.models.logprobs import nll_sum
-from posttrain.train.checkpoint import seed_all
-from posttrain.train.distributed import Dist, init_distributed
+from posttrain.train.distributed import Dist
 from posttrain.train.learner import Learner, split_for_rank, step_indices
 from posttrain.train.metrics import MetricsLogger
+from posttrain.train.run import start_run
 
 
 class SFTConfig(Section):
@@ -70,18 +69,11 @@ def evaluate(
 
 def run(cfg: SFTConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to `summary.json`."""
-    dist = init_distributed(cfg.train.device)
     t = cfg.train
-    if t.batch_size % (t.micro_batch_size * dist.world_size):
-        raise ValueError(
-            f"train.batch_size={t.batch_size} must be a multiple of train.micro_batch_size="
-            f"{t.micro_batch_size} x {dist.world_size} processes"
-        )
-    seed_all(t.seed)
-    out = Path(t.out_dir)
-    if dist.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+    dist, out = start_run(
+        t.out_dir, dump_config(cfg), device=t.device, seed=t.seed, batch_size=t.batch_size,
+        micro_batch_size=t.micro_batch_size,
+    )  # fmt: skip
 
     tokenizer = load_tokenizer(cfg.model.path)
     chat = uses_chat_template(tokenizer, cfg.data.chat_template)
@@ -116,12 +108,7 @@ def run(cfg: SFTConfig) -> dict:
         lora_dropout=lora.dropout,
         lora_target_modules=lora.target_modules,
     )
-    o = cfg.optim
-    learner = Learner(
-        model, dist, lr=o.lr, total_steps=t.max_steps, weight_decay=o.weight_decay,
-        betas=o.betas, eps=o.eps, max_grad_norm=o.max_grad_norm, schedule=o.schedule,
-        warmup_steps=o.warmup_steps, min_lr_ratio=o.min_lr_ratio,
-    )  # fmt: skip
+    learner = Learner(model, dist, total_steps=t.max_steps, **cfg.optim.model_dump())
     start = learner.resume(out) if t.resume else 0
     logger = MetricsLogger(
         out, enabled=dist.is_main, total_steps=t.max_steps, start_step=start,

@@ -115,3 +115,35 @@ def test_checkpoint_round_trip_prunes_and_ignores_partial(tmp_path, tiny_qwen2):
     a = fresh.step([batch], [batch.num_targets], loss_fn)
     b = learner2.step([batch], [batch.num_targets], loss_fn)
     assert a == b
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, tiny_qwen2, monkeypatch):
+    """Dying inside the deletion of an old checkpoint must not leave a `step-N` directory with
+    files missing (resume would pick it, or a reader would find it broken)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+    learner = Learner(model, ONE, lr=1e-2, total_steps=10)
+    batch = pack(_examples())
+    loss_fn = lambda m, b: (nll_sum(m, b), {})  # noqa: E731
+    for step in (1, 2):
+        learner.step([batch], [batch.num_targets], loss_fn)
+        learner.save(tmp_path, step, keep=2)
+
+    def die_halfway(path, ignore_errors=False):  # delete one file, then "get killed"
+        if not path.exists():
+            return
+        next(p for p in sorted(path.iterdir())).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", die_halfway)
+    learner.step([batch], [batch.num_targets], loss_fn)
+    with pytest.raises(KeyboardInterrupt):
+        learner.save(tmp_path, 3, keep=2)  # prunes step 1
+    monkeypatch.undo()
+    root = tmp_path / "checkpoints"
+    for ckpt in checkpoint.list_checkpoints(root):
+        names = {f.name for f in ckpt.iterdir()}
+        assert {"trainable.safetensors", "optimizer.pt", "state.json", "rng-rank0.pt"} <= names
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
+    fresh = Learner(AutoModelForCausalLM.from_pretrained(tiny_qwen2), ONE, lr=1e-2, total_steps=10)
+    assert fresh.resume(tmp_path) == 3
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # the leftover is gone

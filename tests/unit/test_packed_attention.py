@@ -81,13 +81,14 @@ def test_shared_prompt_forward_equals_separate_sequences(arch, tiny_qwen2, tiny_
 
 
 def test_answers_of_one_prompt_do_not_see_each_other(tiny_qwen2):
-    """Changing one answer leaves its sibling's log-probabilities unchanged."""
+    """Changing the first answer leaves the second's log-probabilities unchanged (the second
+    comes later in the row, so only the layout's mask keeps it from attending to the first)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
     prompt = list(range(10, 18))
     a, b = TokenizedExample([1, 2, 3, 4], [True] * 4), TokenizedExample([5, 6, 7], [True] * 3)
-    b_changed = TokenizedExample([9, 9, 9], [True] * 3)
-    first = target_logprobs(model, pack_shared([(prompt, [a, b])]))[:4]
-    second = target_logprobs(model, pack_shared([(prompt, [a, b_changed])]))[:4]
+    a_changed = TokenizedExample([9, 9, 9, 9], [True] * 4)
+    first = target_logprobs(model, pack_shared([(prompt, [a, b])]))[4:]
+    second = target_logprobs(model, pack_shared([(prompt, [a_changed, b])]))[4:]
     torch.testing.assert_close(first, second, atol=1e-6, rtol=0)
 
 
