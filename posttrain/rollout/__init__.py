@@ -16,8 +16,9 @@ vocabulary, before top-k / top-p / min-p truncation (temperature 0: of the plain
 what a learner recomputes from one forward pass over prompt + completion, so the ratio
 pi_theta / pi_old starts at exactly 1 when the weights did not change.
 
-HFSampler runs any transformers causal LM on "sdpa" or "eager" attention; it preallocates the
-KV cache for len(prompts) * n rows at full length (see docs/sampler.md for memory and design).
+HFSampler runs any transformers causal LM on "sdpa" or "eager" attention (Llama, Qwen2 and
+Mistral through a lean forward, llama_forward.py; the rest through their own); it preallocates
+the KV cache for len(prompts) * n rows at full length (see docs/sampler.md for memory and design).
 
 Example:
 

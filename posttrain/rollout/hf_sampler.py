@@ -12,6 +12,10 @@ One `generate` call:
      built once, positions kept as a tensor); the next token and its logprob come from
      `choose_next_tokens`; rows that finish are dropped from the batch and the cache, so the
      cost follows the tokens generated, not the longest row.
+
+Every forward (prefill and decode) of a Llama / Qwen2 / Mistral model on SDPA goes through
+`LlamaFamilyForward`, the same arithmetic without transformers' per-layer module plumbing; any
+other model, or one with LoRA layers or hooks, runs its own forward (`llama_forward.py`).
 """
 
 from __future__ import annotations
@@ -21,11 +25,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel
 
 from posttrain.rollout.attention import sampling_attention
 from posttrain.rollout.interface import Completion, FinishReason, RolloutBatch, SamplingParams
 from posttrain.rollout.kv_cache import RowCache
+from posttrain.rollout.llama_forward import LlamaFamilyForward, unsupported_reason
 from posttrain.rollout.sampling import choose_next_tokens
 from posttrain.rollout.stop import StopStrings
 
@@ -93,9 +98,12 @@ class HFSampler:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         was_training = self.model.training
         self.model.eval()
+        # Llama-family models run a lean forward (llama_forward.py); other models, and those it
+        # does not cover (LoRA-wrapped, hooked, eager attention...), their own forward.
+        lean = None if unsupported_reason(self.model) else LlamaFamilyForward(self.model)
         try:
             with torch.inference_mode(), sampling_attention(self.model):
-                return self._generate(prompts, params, generator, stop_strings)
+                return self._generate(prompts, params, generator, stop_strings, lean)
         finally:
             self.model.train(was_training)
 
@@ -115,6 +123,7 @@ class HFSampler:
         params: SamplingParams,
         generator: torch.Generator,
         stop_strings: StopStrings | None,
+        lean: LlamaFamilyForward | None,
     ) -> RolloutBatch:
         start = time.perf_counter()
         device, n, max_new = self.device, params.n, params.max_new_tokens
@@ -131,7 +140,7 @@ class HFSampler:
         _check_attention_span(self.text_config, capacity)
 
         cache = RowCache(self.text_config.num_hidden_layers, rows, prompt_width, capacity)
-        self._prefill(cache, distinct_prompts, row_source, prompt_width)
+        self._prefill(cache, distinct_prompts, row_source, prompt_width, lean)
         # Which cache columns each row may attend to (its prompt, not the left padding, and all
         # completion columns), built once and sliced per step; None when no prompt is padded,
         # which lets attention run unmasked.
@@ -159,14 +168,7 @@ class HFSampler:
             # Feed the previous token (the last prompt token at step 0) at cache column
             # prompt_width - 1 + step.
             mask = None if mask_RC is None else mask_RC[..., : prompt_width + step]
-            logits_BV = self.model(
-                input_ids=tokens_B[:, None],
-                attention_mask=mask,
-                position_ids=positions_B1,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            logits_BV = self._forward(lean, tokens_B[:, None], positions_B1, mask, cache)
             positions_B1 = positions_B1 + 1
             if step == 0:  # prefill ends with the first logits (synchronised to time it)
                 if logits_BV.device.type != "cpu":
@@ -223,6 +225,7 @@ class HFSampler:
         distinct_prompts: list[list[int]],
         row_source: torch.Tensor,
         prompt_width: int,
+        lean: LlamaFamilyForward | None,
     ) -> None:
         """Prefill every distinct prompt but its last token, packed, into `cache`."""
         device = self.device
@@ -259,20 +262,35 @@ class HFSampler:
             allowed = (segment[:, :, None] == segment[:, None, :]) & causal
             allowed |= torch.eye(width, dtype=torch.bool)
             packed = DynamicCache()
-            self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=self._mask(allowed[:, None].to(device)),
-                position_ids=position_ids.to(device),
-                past_key_values=packed,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            mask = self._mask(allowed[:, None].to(device))
+            ids, positions = input_ids.to(device), position_ids.to(device)
+            self._forward(lean, ids, positions, mask, packed)
             target_rows = in_chunk.to(device).index_select(0, row_source).nonzero().squeeze(1)
             start_T = start_of.to(device).index_select(0, row_source.index_select(0, target_rows))
             source_TC = start_T[:, None] + torch.arange(columns, device=device)
             # Left-padding columns point before their prompt; any valid position will do.
             source_TC = source_TC.clamp_(0, len(chunk) * width - 1)
             cache.write_packed(packed, source_TC, target_rows)
+
+    def _forward(
+        self,
+        lean: LlamaFamilyForward | None,
+        input_ids_BS: torch.Tensor,
+        position_ids_BS: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: Cache,
+    ) -> torch.Tensor:
+        """Logits (B, V) of the last position after one forward that appends to `cache`."""
+        if lean is not None:
+            return lean(input_ids_BS, position_ids_BS, mask, cache)
+        return self.model(
+            input_ids=input_ids_BS,
+            attention_mask=mask,
+            position_ids=position_ids_BS,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
 
     def _stop_string_codes(
         self,
@@ -355,10 +373,13 @@ def _check_prompts(prompts: list[list[int]], vocab_size: int) -> None:
 def _check_attention_span(config: Any, capacity: int) -> None:
     """Refuse models whose attention is not plain causal over the whole sequence, because the
     sampler passes one 4D padding mask to every layer and keeps every position in the cache."""
-    layer_types = getattr(config, "layer_types", None) or ["full_attention"]
     window = getattr(config, "sliding_window", None) or getattr(
         config, "attention_chunk_size", None
     )
+    # Configs without `layer_types` (Mistral) apply their `sliding_window` to every layer.
+    layer_types = getattr(config, "layer_types", None) or [
+        "sliding_attention" if window else "full_attention"
+    ]
     for layer_type in set(layer_types):
         if layer_type == "full_attention":
             continue

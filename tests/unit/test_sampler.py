@@ -9,7 +9,7 @@ import torch
 
 from posttrain.models.tiny import EOS_ID, PAD_ID, build_model, build_tokenizer
 from posttrain.rollout import HFSampler, RolloutBatch, Sampler, SamplingParams, hf_sampler
-from posttrain.rollout.sampling import truncate_logprobs
+from posttrain.rollout.sampling import choose_next_tokens, truncate_logprobs
 
 # Small enough that the whole file runs in seconds; initializer_range 0.1 (HF default 0.02)
 # gives logits a spread of about one nat, so greedy argmaxes are separated by more than float
@@ -83,7 +83,7 @@ def test_greedy_matches_hf_generate_on_ragged_prompts_with_n_samples(arch: str) 
 
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_greedy_matches_hf_when_rows_finish_early_and_finished_rows_leave_the_batch(
-    arch: str,
+    arch: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = tiny(arch).eval()
     prompts = ragged_prompts()
@@ -92,25 +92,28 @@ def test_greedy_matches_hf_when_rows_finish_early_and_finished_rows_leave_the_ba
     counts = {t: sum(t in row[2:20] for row in free_run) for t in {t for r in free_run for t in r}}
     eos = next(t for t, c in sorted(counts.items(), key=lambda kv: -kv[1]) if 2 <= c < len(prompts))
 
+    # The rows of each decode step's logits (a hook on the model would switch off the lean
+    # forward, which does not run hooks).
     batch_sizes: list[int] = []
-    hook = model.register_forward_pre_hook(
-        lambda _m, _args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]),
-        with_kwargs=True,
-    )
+
+    def recording(logits_BV: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor]:
+        batch_sizes.append(logits_BV.shape[0])
+        return choose_next_tokens(logits_BV, *args)
+
+    monkeypatch.setattr(hf_sampler, "choose_next_tokens", recording)
     sampler = HFSampler(model, eos_token_ids=[eos])
     batch = sampler.generate(prompts, SamplingParams.greedy(max_new_tokens=24, n=2))
-    hook.remove()
     expected = hf_greedy(model, prompts, n=2, max_new_tokens=24, eos=eos)
 
     assert [c.token_ids for c in batch.completions] == expected
     reasons = [c.finish_reason for c in batch.completions]
     assert reasons == ["eos" if row[-1] == eos else "length" for row in expected]
     assert "eos" in reasons and "length" in reasons
-    # After the prefill, decode step s feeds back token s of the rows still running, i.e. those
-    # longer than s + 1 tokens: the cost follows the tokens generated, not rows x longest.
+    # Step 0 feeds every row's last prompt token; step s + 1 feeds back token s of the rows
+    # still running, i.e. those longer than s + 1 tokens: the cost follows the tokens generated.
     longest = max(len(row) for row in expected)
     running = [sum(len(row) > s + 1 for row in expected) for s in range(longest - 1)]
-    assert batch_sizes[-len(running) :] == running
+    assert batch_sizes == [len(expected)] + running
     assert running[-1] < running[0]
 
 
@@ -129,6 +132,86 @@ def test_greedy_matches_hf_with_one_token_and_long_prompts(
     prompts = ragged_prompts(lengths, seed=5)
     batch = HFSampler(model).generate(prompts, SamplingParams.greedy(max_new_tokens=12, n=2))
     assert [c.token_ids for c in batch.completions] == hf_greedy(model, prompts, 2, 12, EOS_ID)
+
+
+def decode_calls_of_hf_layers(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that counts the calls of the model's own decoder layers on one-token inputs
+    (decode steps), by wrapping the layer class's forward (a hook would disable the lean path)."""
+    layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+    layer_class = type(layers[0])
+    calls: list[int] = []
+    original = layer_class.forward
+
+    def counting(self: torch.nn.Module, hidden_states: torch.Tensor, *args, **kwargs):
+        calls.extend([1] if hidden_states.shape[1] == 1 else [])
+        return original(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(layer_class, "forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_llama_family_decodes_with_the_lean_forward_not_the_hf_layers(
+    arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tiny(arch).eval()
+    # As the recipes load it: transformers then hooks the input embeddings (to mark them as
+    # requiring grad), a hook the lean forward may skip while sampling.
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    prompts = ragged_prompts()
+    calls = decode_calls_of_hf_layers(model, monkeypatch)
+    batch = HFSampler(model).generate(prompts, SamplingParams.greedy(max_new_tokens=8))
+    assert calls == []
+    # The same model on eager attention takes the HF path: 2 layers x 8 steps (so the counter
+    # does see decode steps when the HF layers run them).
+    model.set_attn_implementation("eager")
+    eager = HFSampler(model).generate(prompts, SamplingParams.greedy(max_new_tokens=8))
+    assert len(calls) == 2 * 8
+    assert [c.token_ids for c in eager.completions] == [c.token_ids for c in batch.completions]
+
+
+def lora_llama() -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    # Random (not zero) adapter weights, so that the adapters change the output.
+    config = LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj", "up_proj"], init_lora_weights=False
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return get_peft_model(tiny("llama"), config)
+
+
+def gpt2() -> torch.nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=320,
+        n_positions=256,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        initializer_range=0.1,
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("build", [lora_llama, gpt2], ids=["lora-llama", "gpt2"])
+def test_models_the_lean_forward_does_not_cover_fall_back_to_their_own_forward(
+    build, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = build().eval()
+    prompts = ragged_prompts()
+    calls = decode_calls_of_hf_layers(model, monkeypatch)
+    batch = HFSampler(model).generate(prompts, SamplingParams.greedy(max_new_tokens=12, n=2))
+    assert [c.token_ids for c in batch.completions] == hf_greedy(model, prompts, 2, 12, EOS_ID)
+    assert len(calls) > 0  # the model's own layers ran the decode steps
 
 
 def test_eager_attention_path_matches_hf_generate() -> None:
