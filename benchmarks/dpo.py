@@ -34,7 +34,9 @@ and amortized over the dataset's pairs: `pairs/s` = 1 / (1 / train pairs/s + ref
 seconds / pairs). Peak memory: the process's peak RSS.
 
 Roofline fraction = useful FLOP/s / the machine's fp32 matmul peak (`benchmarks.roofline`,
-2048^2). Useful FLOPs per pair, from the model shape: 6 N T for the policy's forward and
+2048^2). Each model size also prints the ceiling of its own shape: the GFLOP/s of its linear
+layers' forward and backward matmuls over one packed micro-batch's rows
+(`measure_linear_gflops`), as a fraction of that peak. Useful FLOPs per pair, from the model shape: 6 N T for the policy's forward and
 backward plus 2 N T for the reference forward, N the parameters without the input embedding
 (the tied output head counted once), T = prompt + chosen + rejected tokens (the prompt once:
 computing it twice is work, but not useful work).
@@ -251,8 +253,9 @@ def main() -> None:
         parser.error("--warmup must be at least 1: the window starts at the end of a step")
 
     import torch
+    from transformers import AutoConfig
 
-    from benchmarks.roofline import measure_matmul_gflops
+    from benchmarks.roofline import linear_shapes, measure_linear_gflops, measure_matmul_gflops
     from posttrain.data.pairs import tokenize_pairs
     from posttrain.data.records import PreferenceRecord
     from posttrain.models.tiny import build_tokenizer, save_tiny
@@ -289,6 +292,14 @@ def main() -> None:
             flops_per_pair = 8 * flop_params(size) * per_pair  # 6NT train + 2NT reference
             key = f"{shape}/{size}"
             results[key] = {}
+            # The ceiling for this shape: the model's own linear layers (forward and backward)
+            # over one packed micro-batch's rows, each prompt once. Narrow matmuls sit far below
+            # the square 2048^2 peak on this CPU, whoever runs them.
+            rows = round(args.micro_batch_size * per_pair)
+            shapes = linear_shapes(AutoConfig.from_pretrained(model_dir))
+            ceiling = measure_linear_gflops(shapes, rows)
+            print(f"  {key}: the model's linear layers over {rows} rows: {ceiling:.1f} GFLOP/s, "
+                  f"{100 * ceiling / peak:.0f}% of the 2048^2 peak", flush=True)  # fmt: skip
             for variant in args.variants:
                 spec = dict(
                     name=f"{shape}-{size}-{variant}", model=str(model_dir), train=str(train),

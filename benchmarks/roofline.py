@@ -4,6 +4,10 @@
 
 `measure_matmul_gflops` is the best of several timed `torch.mm` calls (2 n^3 FLOPs each), so on
 a shared machine it approaches what the hardware can do rather than what the neighbours leave.
+
+`measure_linear_gflops` times the matmuls a model's linear layers run in training (forward,
+input gradient, weight gradient) at the model's own shapes and row count: small models' narrow
+matmuls cannot reach the square 2048^2 peak, and this says how far below it their ceiling is.
 """
 
 from __future__ import annotations
@@ -28,6 +32,43 @@ def measure_matmul_gflops(
         torch.mm(a, b, out=out)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best / 1e9
+
+
+def linear_shapes(config) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's linear layers for a Llama-family config."""
+    d, f = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+
+
+def measure_linear_gflops(
+    shapes: list[tuple[int, int]], rows: int, *, backward: bool = True, repeats: int = 5
+) -> float:
+    """Best GFLOP/s of `y = x W^T` over `rows` rows for each `(in, out)` in `shapes`, with the
+    backward's `dx = dy W` and `dW = dy^T x` when `backward`: 2 rows in out FLOPs each."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [
+        (torch.randn(rows, i, generator=generator), torch.randn(o, i, generator=generator),
+         torch.randn(rows, o, generator=generator))
+        for i, o in shapes
+    ]  # fmt: skip
+
+    def once() -> None:
+        for x, w, dy in tensors:
+            torch.nn.functional.linear(x, w)
+            if backward:
+                torch.mm(dy, w)
+                torch.mm(dy.t(), x)
+
+    once()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - start)
+    flops = sum(2 * rows * i * o for i, o in shapes) * (3 if backward else 1)
+    return flops / best / 1e9
 
 
 def main() -> None:

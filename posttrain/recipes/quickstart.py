@@ -39,6 +39,11 @@ class QuickstartConfig(Section):
     """Held-out problems (operand pairs never seen in training)."""
     max_operand: int = 99
     """Largest operand of a problem."""
+    operators: str = "+-"
+    """Operators of the problems: '+-' or '+'."""
+    worked: bool = False
+    """Demonstrations work the sum out column by column before the answer
+    (`7+8=15, 3+0+1=4, 45`; needs operators='+'): the GRPO demo's start (docs/grpo.md)."""
     steps: int = 1500
     """SFT optimizer steps."""
     batch_size: int = 64
@@ -52,8 +57,9 @@ class QuickstartConfig(Section):
 def _accuracy(model_dir: Path, records, device) -> float:
     model = load_causal_lm(str(model_dir), device)
     accuracy, _ = greedy_accuracy(
-        model, load_tokenizer(str(model_dir)), records, arithmetic.is_correct, chat=False
-    )
+        model, load_tokenizer(str(model_dir)), records, arithmetic.is_correct, chat=False,
+        max_new_tokens=32,  # a worked solution takes up to 23 tokens
+    )  # fmt: skip
     return accuracy
 
 
@@ -64,8 +70,9 @@ def run(cfg: QuickstartConfig) -> dict:
     console.print(f"[bold]posttrain quickstart[/] -> {out}")
     base = save_tiny(out / "base_model", cfg.arch, cfg.size, seed=cfg.seed)
     train_rows, eval_rows = arithmetic.make_split(
-        cfg.train_examples, cfg.eval_examples, max_operand=cfg.max_operand, seed=cfg.seed
-    )
+        cfg.train_examples, cfg.eval_examples, max_operand=cfg.max_operand, seed=cfg.seed,
+        operators=cfg.operators, worked=cfg.worked,
+    )  # fmt: skip
     train_path = arithmetic.write_jsonl(train_rows, out / "data" / "train.jsonl")
     eval_path = arithmetic.write_jsonl(eval_rows, out / "data" / "eval.jsonl")
     held_out = load_records(eval_path, "completion")

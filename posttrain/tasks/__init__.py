@@ -26,19 +26,22 @@ class Task:
     description: str = ""
 
 
-def make_arithmetic(split: str, size: int, seed: int = 0, *, max_operand: int = 99) -> list[dict]:
+def make_arithmetic(
+    split: str, size: int, seed: int = 0, *, max_operand: int = 99, operators: str = "+-"
+) -> list[dict]:
     """`size` problems like `37+08=` (answer `45`) from posttrain/tasks/arithmetic.py. The
     problems are shuffled by `seed`; "train" takes them from the front and "eval" from the
     back, so the two are disjoint while their sizes add up to at most the number of problems
-    (20402 at max_operand 99)."""
+    (20000 at max_operand 99 with both operators)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
-    total = 2 * (max_operand + 1) ** 2
+    total = len(operators) * (max_operand + 1) ** 2
     if size > total // 2:
         raise ValueError(f"arithmetic: at most {total // 2} problems per split, asked for {size}")
+    options = dict(max_operand=max_operand, seed=seed, operators=operators)
     if split == "train":
-        return arithmetic.make_split(size, 0, max_operand=max_operand, seed=seed)[0]
-    return arithmetic.make_split(total - size, size, max_operand=max_operand, seed=seed)[1]
+        return arithmetic.make_split(size, 0, **options)[0]
+    return arithmetic.make_split(total - size, size, **options)[1]
 
 
 def _gsm_symbolic(*args: Any, **options: Any) -> list[dict]:

@@ -96,3 +96,52 @@ def test_bad_split_is_named():
         TASKS["reasoning_gym"].make("test", 5, 0)
     with pytest.raises(ValueError, match="split: expected"):
         TASKS["arithmetic"].make("validation", 5, 0)
+
+
+def test_worked_solutions_are_right_for_every_two_digit_sum_and_math_verify_reads_them():
+    from posttrain.rewards import build_reward
+    from posttrain.tasks import arithmetic
+
+    # here's the arithmetic: 37 + 08: units 7 + 8 = 15 (carry 1), tens 3 + 0 + 1 = 4 -> 45
+    assert arithmetic.worked_solution(37, 8) == "7+8=15, 3+0+1=4, 45"
+    assert arithmetic.worked_solution(95, 87) == "5+7=12, 9+8+1=18, 182"
+    assert arithmetic.worked_solution(3, 4) == "3+4=7, 0+0=0, 7"
+    for a in range(100):
+        for b in range(100):
+            steps = arithmetic.worked_solution(a, b).split(", ")
+            units, tens, answer = steps
+            lhs, rhs = units.split("=")
+            assert sum(map(int, lhs.split("+"))) == int(rhs)
+            lhs, rhs = tens.split("=")
+            assert sum(map(int, lhs.split("+"))) == int(rhs)
+            assert int(answer) == a + b == int(rhs) * 10 + int(units.split("=")[1]) % 10
+
+    train, held_out = arithmetic.make_split(2000, 500, operators="+", worked=True)
+    assert all(r["completion"].count(", ") == 2 for r in train + held_out)
+    assert all("+" in r["prompt"] for r in train + held_out)
+    assert all(arithmetic.is_correct(r["completion"], r["answer"]) for r in train + held_out)
+    assert not arithmetic.is_correct("7+8=15, 3+0+1=4, 46", "45")
+    # the GRPO demo's verifier: math-verify on the last field, whether bare or worked
+    math = build_reward("math", extract="full", answer_pattern=arithmetic.FINAL_ANSWER_PATTERN)
+    try:
+        scores = math(
+            ["37+08="] * 5,
+            ["45", "7+8=15, 3+0+1=4, 45", "7+8=15, 3+0+1=4, 44", "7+8=15, 3+0+1=4", "4 5"],
+            answer=["45"] * 5,
+        ).scores
+    finally:
+        math.close()
+    assert scores == [1.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_arithmetic_options_are_checked():
+    from posttrain.tasks import arithmetic
+
+    with pytest.raises(ValueError, match="operators='\\+'"):
+        arithmetic.make_split(10, 10, worked=True)
+    with pytest.raises(ValueError, match="operators: expected"):
+        arithmetic.make_split(10, 10, operators="*")
+    # the default data is unchanged by the new options: bare answers, both operators
+    train, _ = arithmetic.make_split(500, 0)
+    assert {r["prompt"][2] for r in train} == {"+", "-"}
+    assert all(r["completion"] == r["answer"] for r in train)
