@@ -7,12 +7,16 @@ of the main process. So the checkers run here with their own timeouts off, and t
 the clock: at most `workers` items are in flight (so each starts as soon as it is submitted),
 and when one passes its deadline the whole pool is killed, the item is reported as
 `TIMED_OUT`, and the other in-flight items are submitted again to a fresh pool.
+
+Workers watch their parent: a run killed with SIGKILL or SIGTERM never shuts its pool down, and
+its workers would otherwise live on as orphans.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing
+import os
 import threading
 import time
 from collections import deque
@@ -31,6 +35,19 @@ TIMED_OUT: Final = _TimedOut()
 
 def _ready() -> bool:
     return True
+
+
+def _start_worker(parent: int, initializer: Callable[[], None] | None) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    if initializer is not None:
+        initializer()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Ends the worker once its parent is gone (it is then re-parented, and getppid changes)."""
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(1)
 
 
 class DeadlinePool:
@@ -108,8 +125,9 @@ class DeadlinePool:
         if self._pool is not None:
             return self._pool
         pool = cf.ProcessPoolExecutor(
-            self.workers, mp_context=self.context, initializer=self.initializer
-        )
+            self.workers, mp_context=self.context, initializer=_start_worker,
+            initargs=(os.getpid(), self.initializer),
+        )  # fmt: skip
         # One trivial call per worker, so every worker has run the initializer before the first
         # timed item (workers are spawned on demand, one per submit while none is idle).
         warm_up = [pool.submit(_ready) for _ in range(self.workers)]

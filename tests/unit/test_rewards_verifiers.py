@@ -3,6 +3,11 @@ length, overlong, repetition, sentiment."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from posttrain.rewards import build_reward, check_output
@@ -79,6 +84,35 @@ def test_math_hanging_check_times_out_scores_zero_and_the_worker_is_replaced(mat
     assert out.metrics["reward/math/timeouts"] == 1.0
     assert math_reward.pool.restarts == restarts + 1
     assert score(math_reward, [r"\boxed{3}"], answer=["3"]).scores == [1.0]
+
+
+def test_pool_workers_exit_when_their_parent_is_killed():
+    # A run killed by SIGKILL never shuts its pool down; its workers must not linger as orphans.
+    script = (
+        "import os, time\n"
+        "from posttrain.rewards.deadline_pool import DeadlinePool\n"
+        "print(*DeadlinePool(os.getpid, workers=2).run([(), ()]), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+
+    def alive(pid: int) -> bool:
+        status = Path(f"/proc/{pid}/status")
+        try:
+            return "State:\tZ" not in status.read_text()  # a zombie has exited
+        except FileNotFoundError:
+            return False
+
+    try:
+        workers = [int(pid) for pid in parent.stdout.readline().split()]
+        assert workers and all(alive(pid) and pid != parent.pid for pid in workers)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 10
+    while any(map(alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers)), "pool workers outlived their killed parent"
 
 
 def test_math_without_gold_field_names_it():
