@@ -35,7 +35,7 @@ def make_arithmetic(
     (20000 at max_operand 99 with both operators)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split: expected 'train' or 'eval', got {split!r}")
-    total = len(operators) * (max_operand + 1) ** 2
+    total = len(set(operators)) * (max_operand + 1) ** 2
     if size > total // 2:
         raise ValueError(f"arithmetic: at most {total // 2} problems per split, asked for {size}")
     options = dict(max_operand=max_operand, seed=seed, operators=operators)
