@@ -39,6 +39,9 @@ V vocabulary, c the mean completion length, and each prompt of p tokens counted 
     useful = 5 x forward: sampling (prefill + decode) 1, reference 1, training 3 (fwd + bwd).
 Attention counts 4 L A FLOPs per query-key pair of the causal sequence. Work a framework does
 beyond this (recomputing a prompt G times, padding, gradient checkpointing) is not useful.
+Each posttrain cell also prints a bound (`bound_per_step`): the roofline fraction of a step that
+did nothing but its linear-layer matmuls, at the speed each shape reaches alone (decode runs
+64-row matmuls, which this CPU runs far below its square peak), and its packed attention.
 """
 
 from __future__ import annotations
@@ -185,6 +188,44 @@ def useful_flops_per_step(size: str, prompts: list[dict], completion_tokens: flo
     return forward * (1 + 1 + 3)  # sampling, reference, training (x3)
 
 
+def bound_per_step(model_dir: Path, prompts: list[dict], completion_tokens: float) -> float:
+    """Seconds of one step's unavoidable work at the speeds measured alone: the linear layers'
+    matmuls (sampling: each prompt once, then one token per completion per decode step;
+    reference forward; training forward and backward, over packed micro-batches of MICRO
+    completions) and the packed attention of reference and training. Decode attention,
+    sampling and everything else are left out, so the bound is generous."""
+    from transformers import AutoConfig
+
+    from benchmarks.roofline import linear_shapes, measure_attention_seconds, measure_linear_gflops
+    from posttrain.models.packed_attention import Group, PackedLayout
+
+    config = AutoConfig.from_pretrained(model_dir)
+    shapes = linear_shapes(config)
+    two_n = 2 * config.num_hidden_layers * sum(i * o for i, o in shapes)  # FLOPs per token
+    c = round(completion_tokens / (PROMPTS * G))
+    lengths = [len(r["prompt"]) for r in prompts[:PROMPTS]]
+    per_micro = MICRO // G  # prompts per training micro-batch
+    groups, start = [], 0
+    for p in lengths[:per_micro]:
+        groups.append(Group(start, p, (c,) * G))
+        start += p + G * c
+    layout = PackedLayout(tuple(groups))
+    rows, micro_batches = layout.num_tokens, PROMPTS // per_micro
+
+    def matmuls(tokens: float, rows: int, backward: bool) -> float:
+        return (3 if backward else 1) * two_n * tokens / (measure_linear_gflops(shapes, rows, backward=backward) * 1e9)  # fmt: skip
+
+    packed_tokens = sum(lengths) + PROMPTS * G * c
+    return (
+        matmuls(sum(lengths), sum(lengths), False)  # prefill
+        + matmuls(PROMPTS * G * c, PROMPTS * G, False)  # decode
+        + matmuls(packed_tokens, rows, False)  # reference
+        + matmuls(packed_tokens, rows, True)  # training
+        + micro_batches * config.num_hidden_layers
+        * sum(measure_attention_seconds(config, layout, backward=b) for b in (True, False))
+    )  # fmt: skip
+
+
 def steady_rate(marks: list, warmup: int) -> tuple[float, float]:
     window = marks[warmup - 1 :]
     seconds = window[-1][0] - window[0][0]
@@ -261,6 +302,10 @@ def main() -> None:
                     per_step = sum(t for _, t in result["marks"]) / len(result["marks"])
                     flops = useful_flops_per_step(size, rows, per_step)
                     result.update(tokens_per_s=tps, s_per_step=sps, roofline=flops / sps / (peak * 1e9))  # fmt: skip
+                    if variant == "posttrain":
+                        bound = flops / bound_per_step(model, rows, per_step) / (peak * 1e9)
+                        result["bound"] = bound
+                        print(f"  {size} ({shape}): matmuls + packed attention alone would reach {100 * bound:.0f}% of the roofline")  # fmt: skip
                 results.append(result)
                 print(json.dumps({k: v for k, v in result.items() if k != "marks"}), flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=2))

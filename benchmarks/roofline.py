@@ -8,6 +8,11 @@ a shared machine it approaches what the hardware can do rather than what the nei
 `measure_linear_gflops` times the matmuls a model's linear layers run in training (forward,
 input gradient, weight gradient) at the model's own shapes and row count: small models' narrow
 matmuls cannot reach the square 2048^2 peak, and this says how far below it their ceiling is.
+
+`measure_attention_seconds` times one layer's attention over a packed layout: work every
+framework must do, which a FLOP count from the model shape leaves out. With the two, a benchmark
+prints a bound: the roofline fraction a run would reach if it did nothing but its linear-layer
+matmuls and its attention, each at the speed measured here.
 """
 
 from __future__ import annotations
@@ -69,6 +74,37 @@ def measure_linear_gflops(
         best = min(best, time.perf_counter() - start)
     flops = sum(2 * rows * i * o for i, o in shapes) * (3 if backward else 1)
     return flops / best / 1e9
+
+
+def measure_attention_seconds(config, layout, *, backward: bool = True, repeats: int = 5) -> float:
+    """Best seconds of one attention layer of a Llama-family `config` over a packed `layout`
+    (`posttrain.models.packed_attention.PackedLayout`), through posttrain's packed SDPA; with
+    the backward when `backward`."""
+    from posttrain.models.packed_attention import packed_sdpa_forward
+
+    d = config.hidden_size
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or d // heads
+    generator = torch.Generator().manual_seed(0)
+    n = layout.num_tokens
+    q, k, v = (
+        torch.randn(1, h, n, head_dim, generator=generator).requires_grad_(backward)
+        for h in (heads, kv_heads, kv_heads)
+    )
+
+    def once() -> None:
+        with torch.set_grad_enabled(backward):
+            out, _ = packed_sdpa_forward(torch.nn.Module(), q, k, v, None, packed_layout=layout)
+            if backward:
+                out.backward(torch.ones_like(out))
+
+    once()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def main() -> None:

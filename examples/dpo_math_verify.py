@@ -1,13 +1,15 @@
 """DPO judged by a scorer nobody on the team wrote: arithmetic answers checked by math-verify.
 
-    posttrain quickstart out_dir=runs/quickstart            # an SFT'd tiny arithmetic model
-    python examples/dpo_math_verify.py --sft runs/quickstart/sft/final \\
-        --data runs/quickstart/data --out runs/dpo-math-verify
+    posttrain quickstart out_dir=runs/quickstart-worked operators=+ worked=true \\
+        train_examples=9500 steps=150                       # a briefly SFT'd start (~31%)
+    python examples/dpo_math_verify.py --sft runs/quickstart-worked/sft/final \\
+        --data runs/quickstart-worked/data --out runs/dpo-math-verify
 
 1. Sample `--samples` completions (temperature 1) from the SFT policy for `--prompts` training
    prompts.
-2. Judge each with math-verify (Hugging Face's `math_verify.verify(parse(gold), parse(answer))`),
-   never with the task's own exact-match check.
+2. Judge each with math-verify (Hugging Face's `math_verify.verify(parse(gold), parse(answer))`)
+   on the completion's final answer (its last comma-separated field, so worked solutions
+   `7+8=15, 3+0+1=4, 45` are judged on `45`), never with the task's own exact-match check.
 3. Pairs: for each prompt with a judged-correct and a judged-wrong sample, chosen = a correct
    one, rejected = a wrong one (the first of each, in sampling order).
 4. `posttrain dpo` from the SFT model on those pairs (reference log-probs cached).
@@ -31,12 +33,13 @@ from posttrain.data.tokenize import prompt_ids
 from posttrain.models.loading import load_causal_lm, load_tokenizer
 from posttrain.recipes.dpo import DPOConfig, ReferenceConfig, run
 from posttrain.rollout import HFSampler, SamplingParams
+from posttrain.tasks.arithmetic import final_answer
 
 
 def judged_correct(completion: str, gold: str) -> bool:
-    """math-verify's verdict: does the completion's answer equal the gold answer?"""
-    answer = parse(completion)
-    return bool(answer) and verify(parse(gold), answer)
+    """math-verify's verdict: does the completion's final answer equal the gold's?"""
+    answer = parse(final_answer(completion))
+    return bool(answer) and verify(parse(final_answer(gold)), answer)
 
 
 @torch.no_grad()
@@ -56,10 +59,13 @@ def sample(
     return out
 
 
-def scores(model_dir: Path, prompts: list[str], golds: list[str], n: int) -> dict[str, float]:
+def scores(
+    model_dir: Path, prompts: list[str], golds: list[str], n: int, max_new_tokens: int
+) -> dict[str, float]:
     """Held-out accuracy judged by math-verify: greedy, and the mean over n samples."""
-    greedy = sample(model_dir, prompts, SamplingParams.greedy(max_new_tokens=8), seed=0)
-    sampled = sample(model_dir, prompts, SamplingParams(n=n, temperature=1.0, max_new_tokens=8), 1)
+    greedy = sample(model_dir, prompts, SamplingParams.greedy(max_new_tokens=max_new_tokens), 0)
+    params = SamplingParams(n=n, temperature=1.0, max_new_tokens=max_new_tokens)
+    sampled = sample(model_dir, prompts, params, seed=1)
     return {
         "greedy_accuracy": sum(judged_correct(g[0], a) for g, a in zip(greedy, golds, strict=True)) / len(golds),
         "sampled_accuracy": sum(
@@ -79,12 +85,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="worked sums need ~20")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     train = load_records(args.data / "train.jsonl", "completion")[: args.prompts]
     held_out = load_records(args.data / "eval.jsonl", "completion")[: args.eval_prompts]
-    params = SamplingParams(n=args.samples, temperature=1.0, max_new_tokens=8)
+    params = SamplingParams(n=args.samples, temperature=1.0, max_new_tokens=args.max_new_tokens)
     samples = sample(args.sft, [r.prompt for r in train], params, seed=2)
     pairs, judged = [], 0
     for record, texts in zip(train, samples, strict=True):
@@ -133,8 +140,10 @@ def main() -> None:
     report = {
         "pairs": len(pairs),
         "held_out_prompts": len(held_out),
-        "sft": scores(args.sft, prompts, golds, args.samples),
-        "dpo": scores(args.out / "dpo" / "final", prompts, golds, args.samples),
+        "sft": scores(args.sft, prompts, golds, args.samples, args.max_new_tokens),
+        "dpo": scores(
+            args.out / "dpo" / "final", prompts, golds, args.samples, args.max_new_tokens
+        ),
         "implicit_reward_accuracy": {
             "before": summary["eval_before"]["eval/rewards/accuracy"],
             "after": summary["eval_after"]["eval/rewards/accuracy"],

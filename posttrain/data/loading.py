@@ -13,9 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from posttrain.data.records import REQUIRED_FIELDS, DataError, Record, parse_record, record_type
 
 Rows = Iterator[tuple[int, dict[str, Any]]]
@@ -160,6 +157,10 @@ def _json_rows(path: Path, source: str) -> Rows:
 
 
 def _parquet_rows(path: Path, source: str) -> Rows:
+    # here, not at the top: pyarrow holds ~24 MB of resident memory and only Parquet needs it
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as err:

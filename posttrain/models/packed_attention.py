@@ -11,7 +11,11 @@ branches (its answers), each branch attending to the prefix and, causally, to it
 position ids continuing from the prefix. DPO's chosen and rejected answers, and GRPO's G
 completions of one prompt, then run the prompt's tokens once instead of once per answer; the
 gradient still flows into the prefix through its keys and values, so loss and gradients equal
-those of the separate sequences (tested).
+those of the separate sequences (tested). A group's branches attend in one SDPA call with the
+branch as the batch dimension (each padded to the longest, with the prefix's keys in front), so
+the work grows with each branch's own length, not with all of them together: one masked call
+over the group's keys did G times the needed work for G completions (measured 6.3x slower for 8
+completions of 256 tokens).
 
 How it plugs in: this module registers its function as transformers' "sdpa" attention. Called
 without a layout it is exactly transformers' own `sdpa_attention_forward` (it delegates), so
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -49,13 +54,21 @@ class Group:
 
 
 @dataclass(frozen=True)
-class _Block:
-    """One SDPA call: queries [q0, q1) attend keys [k0, q1) under `mask` (or causally if None)."""
+class _GroupPlan:
+    """How one group attends: `length` tokens; with neither `mask` nor `branches`, one causal
+    call. Otherwise the first `prefix` tokens are one causal call, and then either
+    - `branches` 0: all branch tokens in one call over the group's keys under `mask`
+      `(body, length)` (each sees the prefix and its own branch's past), or
+    - batched: the branch tokens, gathered into a `(branches, longest)` grid by `gather`
+      (padding repeats token 0), attend the prefix and their own branch's past under `mask`
+      `(longest, prefix + longest)`; `keep` picks the real tokens back out, in row order."""
 
-    q0: int
-    q1: int
-    k0: int
-    mask: torch.Tensor | None
+    length: int
+    prefix: int
+    branches: int = 0
+    gather: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -63,7 +76,7 @@ class PackedLayout:
     """Where the sequences of a packed row lie and which tokens each may attend to."""
 
     groups: tuple[Group, ...]
-    _blocks: dict[torch.device, list[_Block]] = field(default_factory=dict, repr=False)
+    _plans: dict[torch.device, list[_GroupPlan]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def sequences(cls, lengths: Sequence[int]) -> PackedLayout:
@@ -115,33 +128,45 @@ class PackedLayout:
                 seq += 1
         return ids
 
-    def blocks(self, device: torch.device) -> list[_Block]:
+    def plan(self, device: torch.device) -> list[_GroupPlan]:
         """The SDPA calls of one attention layer, built once per device and reused by every
         layer: a group with at most one branch is a single causal call; otherwise the prefix
-        is one causal call and all branches are one call over the group's keys, masked so each
-        branch sees the prefix and its own past only."""
-        if device not in self._blocks:
-            self._blocks[device] = [b for g in self.groups for b in _group_blocks(g, device)]
-        return self._blocks[device]
+        is one causal call and the branches one batched call, masked so each branch sees the
+        prefix and its own past only."""
+        if device not in self._plans:
+            ends = list(accumulate(g.length for g in self.groups))
+            if [g.start for g in self.groups] != [0, *ends[:-1]]:
+                raise ValueError("a packed layout's groups must tile the row in order")
+            self._plans[device] = [_group_plan(g, device) for g in self.groups]
+        return self._plans[device]
 
 
-def _group_blocks(g: Group, device: torch.device) -> list[_Block]:
-    end = g.start + g.length
-    if len(g.branches) <= 1:
-        return [_Block(g.start, end, g.start, None)]
-    body = g.length - g.prefix
-    branch_of = torch.repeat_interleave(torch.arange(len(g.branches)), torch.tensor(g.branches)).to(
-        device
+def _group_plan(g: Group, device: torch.device) -> _GroupPlan:
+    branches = [n for n in g.branches if n]  # an empty branch has no tokens to attend
+    if len(branches) <= 1:
+        return _GroupPlan(g.length, g.length)
+    body, longest = sum(branches), max(branches)
+    lengths = torch.tensor(branches)
+    # One call over the whole body computes every branch against every sibling and masks it
+    # away; batching the branches computes each against itself only, but pays for gathering and
+    # padding. Batch when that at least halves the attention's work: GRPO's G completions, not
+    # DPO's two answers (there the single call measured 7% faster on the small model).
+    if 2 * len(branches) * longest * (g.prefix + longest) > body * g.length:
+        branch_of = torch.repeat_interleave(torch.arange(len(branches)), lengths)
+        sees_branch = (branch_of[:, None] == branch_of[None, :]).tril()
+        mask = torch.cat([torch.ones(body, g.prefix, dtype=torch.bool), sees_branch], dim=1)
+        return _GroupPlan(g.length, g.prefix, mask=mask.to(device))
+    real = torch.arange(longest)[None, :] < lengths[:, None]  # (branches, longest)
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+    gather = torch.where(real, starts[:, None] + torch.arange(longest), 0).flatten()
+    keep = real.flatten().nonzero().squeeze(1)
+    # Query i of a branch sees the prefix and the branch's keys 0..i. A padding key lies after
+    # every real query of its branch, so causality already hides it; padding queries' outputs
+    # are dropped (`keep`), so their gradients are zero.
+    mask = torch.ones(longest, g.prefix + longest, dtype=torch.bool).tril(g.prefix)
+    return _GroupPlan(
+        g.length, g.prefix, len(branches), gather.to(device), keep.to(device), mask.to(device)
     )
-    sees_branch = (branch_of[:, None] == branch_of[None, :]) & torch.ones(
-        body, body, dtype=torch.bool, device=device
-    ).tril()
-    sees_prefix = torch.ones(body, g.prefix, dtype=torch.bool, device=device)
-    mask = torch.cat([sees_prefix, sees_branch], dim=1)
-    blocks = [_Block(g.start + g.prefix, end, g.start, mask)]
-    if g.prefix:
-        blocks.insert(0, _Block(g.start, g.start + g.prefix, g.start, None))
-    return blocks
 
 
 def packed_sdpa_forward(
@@ -169,20 +194,48 @@ def packed_sdpa_forward(
                 " set data.packing=false"
             )
     gqa = key.shape[1] != query.shape[1]
-    outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, b.q0 : b.q1],
-            key[:, :, b.k0 : b.q1],
-            value[:, :, b.k0 : b.q1],
-            attn_mask=b.mask,
-            dropout_p=dropout,
-            scale=scaling,
-            is_causal=b.mask is None,
+
+    def attend(q, k, v, mask):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling, is_causal=mask is None,
             enable_gqa=gqa,
-        )
-        for b in packed_layout.blocks(query.device)
-    ]
+        )  # fmt: skip
+
+    # Split, not slice: the backward of a split is one concatenation, while each slice's
+    # backward writes a zero tensor the size of the whole row (~7% of a small-model DPO step).
+    plan = packed_layout.plan(query.device)
+    lengths = [p.length for p in plan]
+    outputs = []
+    for p, q, k, v in zip(
+        plan, *(x.split(lengths, dim=2) for x in (query, key, value)), strict=True
+    ):
+        if p.mask is None:
+            outputs.append(attend(q, k, v, None))
+        elif p.branches:
+            outputs += _attend_branches(p, q, k, v, attend)
+        else:
+            q0, q1 = q.split([p.prefix, p.length - p.prefix], dim=2)
+            if p.prefix:
+                outputs.append(attend(q0, k[:, :, : p.prefix], v[:, :, : p.prefix], None))
+            outputs.append(attend(q1, k, v, p.mask))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _attend_branches(p: _GroupPlan, q, k, v, attend) -> list[torch.Tensor]:
+    """One group's outputs `(1, h, n, D)`: its prefix's causal call, then its branches'
+    batched call (`q`, `k`, `v`: the group's `(1, h, length, D)`)."""
+    body = p.length - p.prefix
+    (q0, q1), (k0, k1), (v0, v1) = (x.split([p.prefix, body], dim=2) for x in (q, k, v))
+
+    def grid(x: torch.Tensor) -> torch.Tensor:  # (1, h, body, D) -> (branches, h, longest, D)
+        return x[0][:, p.gather].unflatten(1, (p.branches, -1)).transpose(0, 1)
+
+    def with_prefix(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x0.expand(p.branches, -1, -1, -1), grid(x1)], dim=2)
+
+    out = attend(grid(q1), with_prefix(k0, k1), with_prefix(v0, v1), p.mask)
+    branches = out.transpose(0, 1).flatten(1, 2)[:, p.keep].unsqueeze(0)
+    return [attend(q0, k0, v0, None), branches] if p.prefix else [branches]
 
 
 def check_packed_support(model: torch.nn.Module) -> None:

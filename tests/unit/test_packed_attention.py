@@ -80,6 +80,29 @@ def test_shared_prompt_forward_equals_separate_sequences(arch, tiny_qwen2, tiny_
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("prompt_len", [6, 0])
+def test_many_ragged_answers_of_one_prompt_equal_separate_sequences(prompt_len, tiny_qwen2):
+    """GRPO's case: eight answers of one prompt attend in one batched call, each padded to the
+    longest; the padding changes no log-probability and no gradient. (Three ragged answers
+    take the single masked call instead, as DPO's pairs do.)"""
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+    g = torch.Generator().manual_seed(3)
+    answers = [TokenizedExample(_random_ids(g, n), [True] * n) for n in (8, 9, 7, 8, 8, 3, 9, 8)]
+    groups = [(_random_ids(g, prompt_len), answers), (_random_ids(g, 4), answers[5:])]
+    shared, separate = pack_shared(groups), pack(_as_sequences(groups))
+    assert [p.branches for p in shared.layout.plan(torch.device("cpu"))] == [8, 0]
+    torch.testing.assert_close(
+        target_logprobs(model, shared), target_logprobs(model, separate), atol=1e-5, rtol=0
+    )
+    grads = []
+    for batch in (shared, separate):
+        model.zero_grad()
+        nll_sum(model, batch).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_answers_of_one_prompt_do_not_see_each_other(tiny_qwen2):
     """Changing the first answer leaves the second's log-probabilities unchanged (the second
     comes later in the row, so only the layout's mask keeps it from attending to the first)."""
