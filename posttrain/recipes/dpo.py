@@ -101,6 +101,10 @@ class DPOConfig(Section):
     """simpo: target reward margin gamma (absolute; the paper tunes gamma / beta near 0.5)."""
     orpo_lambda: float = 0.1
     """orpo: weight of the odds-ratio term beside the chosen answers' NLL."""
+    rpo_alpha: float = 0.0
+    """Weight of the chosen answers' per-token NLL added to a pair loss (RPO: Pang et al. 2024,
+    Iterative Reasoning Preference Optimization, eq. 1; TRL's rpo_alpha): keeps the chosen
+    answers' likelihood from falling along with the rejected ones'. 0: off; not for kto."""
     kto_desirable_weight: float = 1.0
     """kto: weight of desirable completions' loss (the paper keeps w_D n_D / (w_U n_U) in [1, 4/3])."""
     kto_undesirable_weight: float = 1.0
@@ -120,6 +124,13 @@ class DPOConfig(Section):
     @classmethod
     def _default_beta(cls, beta: float | None, info: ValidationInfo) -> float:
         return beta if beta is not None else 2.0 if info.data.get("loss") == "simpo" else 0.1
+
+    @field_validator("rpo_alpha")
+    @classmethod
+    def _rpo_for_pairs(cls, alpha: float, info: ValidationInfo) -> float:
+        if alpha < 0 or (alpha and info.data.get("loss") == "kto"):
+            raise ValueError(f"rpo_alpha must be >= 0, and 0 for kto (it needs pairs); got {alpha}")
+        return alpha
 
     @field_validator("label_smoothing")
     @classmethod
@@ -190,6 +201,10 @@ def preference_loss(
     loss, metrics = LOSSES[cfg.loss](logps, ref, mb, cfg)
     if cfg.loss != "kto":
         metrics["logps/chosen"], metrics["logps/rejected"] = logps.detach().mean(0)
+    if cfg.rpo_alpha:
+        nll = -(logps[:, 0] / mb.lengths[:, 0]).mean()
+        loss = loss + cfg.rpo_alpha * nll
+        metrics["nll/chosen"] = nll.detach()
     return loss * n, {k: v * n for k, v in metrics.items()}
 
 

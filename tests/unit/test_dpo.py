@@ -115,6 +115,26 @@ def test_dpo_loss_by_hand_from_the_recipe():
     assert metrics["rewards/accuracy"].item() == pytest.approx(0.5)
 
 
+def test_rpo_adds_the_chosen_answers_per_token_nll(tiny_qwen2):
+    """RPO = the pair loss + alpha * mean over pairs of -logp(chosen) / len(chosen); the recipe
+    returns sums over the micro-batch's pairs, so the difference is n * alpha * that mean."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+    examples = _examples(0)
+    ref = torch.zeros(len(examples), 2)
+    losses = {}
+    for alpha in (0.0, 0.5):
+        mb = collate_pairs(examples, ref, packed=True, pad_id=259)
+        cfg = DPOConfig(loss="dpo", rpo_alpha=alpha)
+        losses[alpha], metrics = preference_loss(model, mb, cfg=cfg, reference=None)
+    logps = sequence_logprobs(model, mb.batch, 2 * len(examples)).view(-1, 2)
+    lengths = torch.tensor([len(e.answers[0]) for e in examples], dtype=torch.float32)
+    nll = -(logps[:, 0] / lengths).mean()
+    torch.testing.assert_close(losses[0.5] - losses[0.0], len(examples) * 0.5 * nll)
+    torch.testing.assert_close(metrics["nll/chosen"], len(examples) * nll.detach())
+    with pytest.raises(ConfigError, match="0 for kto"):
+        load_config(DPOConfig, None, ["loss=kto", "rpo_alpha=1"])
+
+
 def test_kto_metrics_are_means_over_each_label():
     """Three completions, two desirable: log-ratios (1, -2, 3), beta 0.1, mismatched KL 0.
     rewards/chosen = 0.1 * (1 + -2) / 2 = -0.05; rewards/rejected = 0.1 * 3 = 0.3;
