@@ -37,9 +37,10 @@ Roofline fraction = useful FLOP/s / the machine's fp32 matmul peak (`benchmarks.
 2048^2). Each model size also prints the ceiling of its own shape: the GFLOP/s of its linear
 layers' forward and backward matmuls over one packed micro-batch's rows
 (`measure_linear_gflops`), as a fraction of that peak, and a bound: the roofline fraction of a
-run that did nothing but those matmuls (training forward and backward, reference forward) and
-its attention (`measure_attention_seconds`, forward and backward, over the same micro-batch's
-layout), each at the speed measured alone. Useful FLOPs per pair, from the model shape: 6 N T for the policy's forward and
+run that did nothing but those matmuls (training forward and backward, reference forward), its
+attention (`measure_attention_seconds`, forward and backward, over the same micro-batch's
+layout) and its optimizer steps (`measure_optimizer_seconds`: clipping and fused AdamW), each at
+the speed measured alone. Useful FLOPs per pair, from the model shape: 6 N T for the policy's forward and
 backward plus 2 N T for the reference forward, N the parameters without the input embedding
 (the tied output head counted once), T = prompt + chosen + rejected tokens (the prompt once:
 computing it twice is work, but not useful work).
@@ -256,13 +257,14 @@ def main() -> None:
         parser.error("--warmup must be at least 1: the window starts at the end of a step")
 
     import torch
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from benchmarks.roofline import (
         linear_shapes,
         measure_attention_seconds,
         measure_linear_gflops,
         measure_matmul_gflops,
+        measure_optimizer_seconds,
     )
     from posttrain.data.pairs import collate_pairs, tokenize_pairs
     from posttrain.data.records import PreferenceRecord
@@ -302,22 +304,25 @@ def main() -> None:
             results[key] = {}
             # The ceiling for this shape: the model's own linear layers (forward and backward)
             # over one packed micro-batch's rows, each prompt once. Narrow matmuls sit far below
-            # the square 2048^2 peak on this CPU, whoever runs them. With attention (not in the
-            # FLOP count, but work all the same), the bound a run that did nothing else reaches.
+            # the square 2048^2 peak on this CPU, whoever runs them. With attention and the
+            # optimizer (not in the FLOP count, but work all the same), the bound a run that did
+            # nothing else reaches.
             config = AutoConfig.from_pretrained(model_dir)
             layout = collate_pairs(examples[: args.micro_batch_size], None, packed=True, pad_id=0).batch.layout  # fmt: skip
             rows, n = layout.num_tokens, flop_params(size)
             shapes = linear_shapes(config)
             ceiling = measure_linear_gflops(shapes, rows)
+            optimizer_s = measure_optimizer_seconds(AutoModelForCausalLM.from_pretrained(model_dir))
             seconds = (
                 6 * n * rows / (ceiling * 1e9)
                 + 2 * n * rows / (measure_linear_gflops(shapes, rows, backward=False) * 1e9)
                 + config.num_hidden_layers
                 * sum(measure_attention_seconds(config, layout, backward=b) for b in (True, False))
+                + optimizer_s * args.micro_batch_size / args.batch_size  # one step per batch
             )
             bound = 8 * n * rows / seconds / (peak * 1e9)
             print(f"  {key}: the model's linear layers over {rows} rows: {ceiling:.1f} GFLOP/s, "
-                  f"{100 * ceiling / peak:.0f}% of the 2048^2 peak; with attention: a bound of "
+                  f"{100 * ceiling / peak:.0f}% of the 2048^2 peak; with attention and AdamW: a bound of "
                   f"{100 * bound:.0f}% of the roofline", flush=True)  # fmt: skip
             for variant in args.variants:
                 spec = dict(

@@ -41,7 +41,8 @@ Attention counts 4 L A FLOPs per query-key pair of the causal sequence. Work a f
 beyond this (recomputing a prompt G times, padding, gradient checkpointing) is not useful.
 Each posttrain cell also prints a bound (`bound_per_step`): the roofline fraction of a step that
 did nothing but its linear-layer matmuls, at the speed each shape reaches alone (decode runs
-64-row matmuls, which this CPU runs far below its square peak), and its packed attention.
+64-row matmuls, which this CPU runs far below its square peak), its packed attention and its
+optimizer step.
 """
 
 from __future__ import annotations
@@ -192,11 +193,16 @@ def bound_per_step(model_dir: Path, prompts: list[dict], completion_tokens: floa
     """Seconds of one step's unavoidable work at the speeds measured alone: the linear layers'
     matmuls (sampling: each prompt once, then one token per completion per decode step;
     reference forward; training forward and backward, over packed micro-batches of MICRO
-    completions) and the packed attention of reference and training. Decode attention,
-    sampling and everything else are left out, so the bound is generous."""
-    from transformers import AutoConfig
+    completions), the packed attention of reference and training, and one optimizer step.
+    Decode attention, sampling and everything else are left out, so the bound is generous."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from benchmarks.roofline import linear_shapes, measure_attention_seconds, measure_linear_gflops
+    from benchmarks.roofline import (
+        linear_shapes,
+        measure_attention_seconds,
+        measure_linear_gflops,
+        measure_optimizer_seconds,
+    )
     from posttrain.models.packed_attention import Group, PackedLayout
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -223,6 +229,7 @@ def bound_per_step(model_dir: Path, prompts: list[dict], completion_tokens: floa
         + matmuls(packed_tokens, rows, True)  # training
         + micro_batches * config.num_hidden_layers
         * sum(measure_attention_seconds(config, layout, backward=b) for b in (True, False))
+        + measure_optimizer_seconds(AutoModelForCausalLM.from_pretrained(model_dir))  # one a step
     )  # fmt: skip
 
 

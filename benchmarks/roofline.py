@@ -9,10 +9,11 @@ a shared machine it approaches what the hardware can do rather than what the nei
 input gradient, weight gradient) at the model's own shapes and row count: small models' narrow
 matmuls cannot reach the square 2048^2 peak, and this says how far below it their ceiling is.
 
-`measure_attention_seconds` times one layer's attention over a packed layout: work every
-framework must do, which a FLOP count from the model shape leaves out. With the two, a benchmark
-prints a bound: the roofline fraction a run would reach if it did nothing but its linear-layer
-matmuls and its attention, each at the speed measured here.
+`measure_attention_seconds` times one layer's attention over a packed layout, and
+`measure_optimizer_seconds` one clipped AdamW step: work every framework must do, which a FLOP
+count from the model shape leaves out. With them a benchmark prints a bound: the roofline
+fraction a run would reach if it did nothing but its linear-layer matmuls, its attention and
+its optimizer steps, each at the speed measured here.
 """
 
 from __future__ import annotations
@@ -99,6 +100,27 @@ def measure_attention_seconds(config, layout, *, backward: bool = True, repeats:
                 out.backward(torch.ones_like(out))
 
     once()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure_optimizer_seconds(model: torch.nn.Module, repeats: int = 5) -> float:
+    """Best seconds of one optimizer step as every trainer takes it: gradient-norm clipping and
+    a fused AdamW update over all of `model`'s parameters (random gradients)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+
+    def once() -> None:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+
+    once()  # warm-up, and the optimizer's state
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
