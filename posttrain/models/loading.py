@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from posttrain.models.swiglu import use_lean_swiglu
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -59,7 +61,9 @@ def prepare_for_training(
     lora_target_modules: list[str] | str,
     task_type: str,
 ) -> PreTrainedModel:
-    """Turn on gradient checkpointing and wrap in LoRA adapters (`lora_r > 0`) as asked."""
+    """Route SwiGLU MLPs through `swiglu` (half their saved activations), turn on gradient
+    checkpointing and wrap in LoRA adapters (`lora_r > 0`) as asked."""
+    use_lean_swiglu(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if lora_r > 0:
