@@ -23,6 +23,18 @@ import time
 import torch
 
 
+def best_seconds(once, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `once`, after one untimed warm-up call (thread
+    pool, caches, page faults, lazily created state)."""
+    once()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        once()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def measure_matmul_gflops(
     n: int = 2048, dtype: torch.dtype = torch.float32, repeats: int = 10
 ) -> float:
@@ -31,13 +43,7 @@ def measure_matmul_gflops(
     a = torch.randn(n, n, generator=generator).to(dtype)
     b = torch.randn(n, n, generator=generator).to(dtype)
     out = torch.empty(n, n, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up: thread pool, caches, page faults
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b, out=out), repeats) / 1e9
 
 
 def linear_shapes(config) -> list[tuple[int, int]]:
@@ -67,14 +73,8 @@ def measure_linear_gflops(
                 torch.mm(dy, w)
                 torch.mm(dy.t(), x)
 
-    once()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        best = min(best, time.perf_counter() - start)
     flops = sum(2 * rows * i * o for i, o in shapes) * (3 if backward else 1)
-    return flops / best / 1e9
+    return flops / best_seconds(once, repeats) / 1e9
 
 
 def measure_attention_seconds(config, layout, *, backward: bool = True, repeats: int = 5) -> float:
@@ -99,13 +99,7 @@ def measure_attention_seconds(config, layout, *, backward: bool = True, repeats:
             if backward:
                 out.backward(torch.ones_like(out))
 
-    once()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_seconds(once, repeats)
 
 
 def measure_optimizer_seconds(model: torch.nn.Module, repeats: int = 5) -> float:
@@ -120,13 +114,7 @@ def measure_optimizer_seconds(model: torch.nn.Module, repeats: int = 5) -> float
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-    once()  # warm-up, and the optimizer's state
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        once()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return best_seconds(once, repeats)
 
 
 def main() -> None:
