@@ -70,8 +70,14 @@ def test_training_models_use_it_and_save_fewer_activations(tiny_qwen2):
 
 def test_lora_wrapped_projections_fall_back_to_the_models_forward(tiny_qwen2):
     model = load_causal_lm(str(tiny_qwen2), torch.device("cpu"), lora_r=4)
+    with torch.no_grad():  # LoRA starts with B = 0; make the adapters change the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
     ids = torch.randint(0, 256, (1, 20))
     mlp = model.base_model.model.model.layers[0].mlp
     x = torch.randn(1, 20, model.config.hidden_size)
+    base = swiglu(x, *(mlp.gate_proj.base_layer, mlp.up_proj.base_layer, mlp.down_proj.base_layer))
+    assert not torch.allclose(base, type(mlp).forward(mlp, x))  # the adapters matter here
     torch.testing.assert_close(mlp(x), type(mlp).forward(mlp, x))  # LoRA layers, not nn.Linear
     model(input_ids=ids).logits.sum().backward()  # trains the adapters without error
