@@ -5,8 +5,8 @@ One step: draw `prompts_per_step` prompts, sample G completions of each with the
 with the weighted reward functions, turn the rewards into advantages, and take
 `epochs x ceil(completions / minibatch_size)` optimizer steps on the clipped surrogate
 (Schulman et al. 2017), with an optional KL to a reference. The algorithms differ only in a few
-defaults, one entry each in `ALGOS`; docs/grpo.md says what each computes and where it departs
-from its paper.
+defaults, one entry each in `grpo_config.ALGOS` (the config lives there); docs/grpo.md says what
+each computes and where it departs from its paper.
 
 Batch semantics: a step samples `prompts_per_step x group_size` completions.
 `minibatch_size` and `micro_batch_size` count completions: one optimizer step sees
@@ -29,17 +29,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
 
-from posttrain.config import ModelConfig, OptimConfig, Section, dump_config
+from posttrain.config import dump_config
 from posttrain.data.packing import Batch, pack_shared
 from posttrain.data.tokenize import TokenizedExample, prompt_ids, uses_chat_template
 from posttrain.eval.curves import plot_curves
 from posttrain.losses import (
-    AggMode,
     grpo_advantages,
     kl_estimate,
     kl_loss,
@@ -50,6 +47,7 @@ from posttrain.losses import (
 )
 from posttrain.models.loading import load_causal_lm, load_tokenizer, save_pretrained
 from posttrain.models.logprobs import target_logits
+from posttrain.recipes.grpo_config import GRPOConfig, GRPOSection
 from posttrain.recipes.grpo_inputs import Scorer, load_prompt_rows
 from posttrain.rewards.length import OverlongPenalty
 from posttrain.rollout import HFSampler, SamplingParams
@@ -59,164 +57,8 @@ from posttrain.train.learner import Learner, step_indices
 from posttrain.train.metrics import MetricsLogger
 from posttrain.train.samples import SampleLog
 
-
-@dataclass(frozen=True)
-class Algo:
-    advantage: Literal["grpo", "rloo", "reinforce_pp"]
-    scale_by_std: bool
-    aggregation: AggMode
-    clip_eps_low: float
-    clip_eps_high: float
-    beta: float
-    kl_in: Literal["loss", "reward"]
-    dynamic_sampling: bool
-    overlong_buffer: float
-
-
-# What distinguishes the algorithms; each field is the default of the `grpo.*` key of that name.
-ALGOS: dict[str, Algo] = {
-    # Shao et al. 2024, eq. 3: std-scaled group advantages, per-sequence token means, k3 KL
-    # to the reference inside the loss with beta = 0.04.
-    "grpo": Algo("grpo", True, "seq_mean_token_mean", 0.2, 0.2, 0.04, "loss", False, 0.0),
-    # Liu et al. 2025: no std scaling, token sums over a constant length, no KL term.
-    "dr_grpo": Algo("grpo", False, "seq_mean_token_sum_norm", 0.2, 0.2, 0.0, "loss", False, 0.0),
-    # Yu et al. 2025: clip-higher, token-level mean, dynamic sampling, soft overlong penalty.
-    "dapo": Algo("grpo", True, "token_mean", 0.2, 0.28, 0.0, "loss", True, 0.2),
-    # Ahmadian et al. 2024: leave-one-out baseline, sequence-level loss, k1 KL in the reward.
-    "rloo": Algo("rloo", False, "seq_mean_token_sum_norm", 0.2, 0.2, 0.05, "reward", False, 0.0),
-    # Hu 2025: per-token k1 KL in the reward, returns whitened over the batch, token mean.
-    "reinforce_pp": Algo("reinforce_pp", False, "token_mean", 0.2, 0.2, 0.01, "reward", False, 0.0),
-}
-
-
 # curves.png: the reward, the sampled completions' accuracy, and held-out greedy accuracy.
 CURVES = ("reward", "accuracy", "eval/accuracy")
-
-
-class DataSection(Section):
-    task: str = ""
-    """A task of `posttrain.tasks` (e.g. 'arithmetic'): its rows are the prompts and carry the
-    fields its verifiers read. Leave empty to read the `train` / `eval` files instead."""
-    task_options: dict[str, Any] = {}
-    """Keyword options of the task's generator."""
-    train: str = ""
-    """Prompt file (.jsonl, .json, .parquet, datasets dir): rows `{prompt, ...fields}`."""
-    eval: str = ""
-    """Held-out prompt file in the same form (with a task: its eval split)."""
-    train_size: int = 2000
-    """Training prompts: task rows generated, or the first rows of the file (0: all)."""
-    eval_size: int = 200
-    """Held-out prompts scored by greedy decoding (0: no held-out evaluation)."""
-    chat_template: Literal["auto", "always", "never"] = "auto"
-    """Render prompts with the tokenizer's chat template: 'auto' does so when it has one."""
-
-
-class GRPOSection(Section):
-    group_size: int = Field(8, ge=2)
-    """G: completions sampled per prompt."""
-    prompts_per_step: int = Field(8, ge=1)
-    """Prompts per step: a step samples prompts_per_step x group_size completions."""
-    max_new_tokens: int = 256
-    """Longest completion; longer ones are cut (finish reason 'length': truncated)."""
-    temperature: float = 1.0
-    """Sampling temperature; training logprobs use the same one."""
-    top_p: float = 1.0
-    """Nucleus sampling (1: off)."""
-    top_k: int = 0
-    """Top-k truncation (0: off)."""
-    stop: list[str] = []
-    """Strings that end a completion."""
-    epochs: int = Field(1, ge=1)
-    """mu: passes over each step's completions; pi_old stays the sampling policy throughout."""
-    minibatch_size: int = Field(0, ge=0)
-    """Completions per optimizer step; 0: all of the step's (one optimizer step per epoch)."""
-    micro_batch_size: int = Field(16, ge=1)
-    """Completions per forward pass; gradients accumulate over a minibatch."""
-    old_logprobs: Literal["sampler", "recompute"] = "sampler"
-    """pi_old: the sampler's logprobs (free), or one no-grad training forward before the
-    updates (for engines whose decode numerics differ, e.g. bf16 on GPU)."""
-    advantage: Literal["grpo", "rloo", "reinforce_pp"] | None = None
-    """Advantage estimator (unset: the algo's)."""
-    scale_by_std: bool | None = None
-    """Divide GRPO advantages by the group's reward std."""
-    aggregation: AggMode | None = None
-    """token_mean | seq_mean_token_mean | seq_mean_token_sum_norm (norm: max_new_tokens)."""
-    clip_eps_low: float | None = None
-    """The ratio is clipped below at 1 - clip_eps_low."""
-    clip_eps_high: float | None = None
-    """... and above at 1 + clip_eps_high (clip-higher when larger than clip_eps_low)."""
-    beta: float | None = None
-    """KL coefficient to the reference; 0 loads no reference at all."""
-    kl_in: Literal["loss", "reward"] | None = None
-    """'loss': + beta x k3 KL in the loss; 'reward': - beta x k1 KL in the rewards."""
-    dynamic_sampling: bool | None = None
-    """Drop groups whose rewards all agree and sample more prompts to refill the step."""
-    max_sampling_rounds: int = Field(4, ge=1)
-    """Dynamic sampling: at most this many sampling rounds per step, then train on what is kept."""
-    overlong_filter: bool = False
-    """Mask truncated completions out of the loss."""
-    overlong_buffer: float | None = Field(None, ge=0, lt=1)
-    """DAPO soft overlong penalty: completions longer than (1 - this) x max_new_tokens lose
-    reward linearly, down to -overlong_penalty at max_new_tokens (0: off)."""
-    overlong_penalty: float = 1.0
-    """Largest overlong penalty."""
-
-    def resolved(self, algo: str) -> GRPOSection:
-        """Unset keys filled with `ALGOS[algo]`'s defaults."""
-        defaults = {k: v for k, v in ALGOS[algo].__dict__.items() if getattr(self, k) is None}
-        return self.model_copy(update=defaults)
-
-
-class RunSection(Section):
-    out_dir: str = "runs/grpo"
-    """Run directory: config, metrics.jsonl, samples.jsonl, curves.png, checkpoints, final model."""
-    seed: int = 0
-    """Seeds the prompt order and the sampler (derived from the step, so resume is exact)."""
-    max_steps: int = 100
-    """Sampling-and-update steps."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to run: 'auto' picks cuda when available."""
-    log_every: int = 1
-    """Write a metrics line (and samples) every this many steps."""
-    log_samples: int = 8
-    """Completions written to samples.jsonl (and shown on the console) per logged step."""
-    eval_every: int = 10
-    """Greedy held-out accuracy every this many steps (and before and after training)."""
-    save_every: int = 0
-    """Resumable checkpoint every this many steps (0: never)."""
-    keep_checkpoints: int = 2
-    """How many most recent checkpoints to keep."""
-    resume: bool = True
-    """Resume from the latest checkpoint in out_dir when there is one."""
-    progress: bool = True
-    """Progress bar and sample tables on the terminal."""
-    tensorboard: bool = False
-    """Also write TensorBoard event files."""
-
-
-class GRPOConfig(Section):
-    algo: Literal["grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp"] = "grpo"
-    """Whose defaults fill the `grpo.*` keys left unset (see docs/grpo.md)."""
-    model: ModelConfig = ModelConfig()
-    """The policy; with beta > 0 also the reference (a frozen copy, or with LoRA the same model
-    with its adapters disabled)."""
-    data: DataSection = DataSection()
-    """Prompts: a task, or prompt files."""
-    rewards: list[dict[str, Any]] = [{"name": "exact_match", "weight": 1.0}]
-    """Weighted reward functions `{name, weight, fallback, timeout_s, options}`, summed. The
-    first decides `accuracy`: a completion is correct when it scores at least 1 there."""
-    grpo: GRPOSection = GRPOSection()
-    """Batch semantics: a step samples prompts_per_step x group_size completions;
-    minibatch_size and micro_batch_size count completions (per optimizer step, per forward)."""
-    optim: OptimConfig = OptimConfig(lr=1e-6)
-    """AdamW; the schedule spans max_steps x epochs x minibatches optimizer steps."""
-    run: RunSection = RunSection()
-    """Steps, logging, evaluation, checkpoints."""
-
-    @model_validator(mode="after")
-    def _resolve_algo(self) -> GRPOConfig:
-        self.grpo = self.grpo.resolved(self.algo)  # so --dry-run prints what will run
-        return self
 
 
 def overlong_penalty(lengths: list[int], max_len: int, buffer: int, scale: float) -> list[float]:

@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from posttrain.recipes import grpo
+from posttrain.recipes import grpo, grpo_config
 from posttrain.rewards.base import RewardOutput
 from posttrain.train.metrics import read_metrics
 from tests.conftest import write_jsonl
@@ -32,7 +32,7 @@ def prompts(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("grpo") / "prompts.jsonl", rows)
 
 
-def config(model: Path, prompts: Path, out: Path, **overrides) -> grpo.GRPOConfig:
+def config(model: Path, prompts: Path, out: Path, **overrides) -> grpo_config.GRPOConfig:
     base = {
         "model": {"path": str(model)},
         "data": {
@@ -57,7 +57,7 @@ def config(model: Path, prompts: Path, out: Path, **overrides) -> grpo.GRPOConfi
             base[section][key] = value
         else:
             base[section] = value
-    return grpo.GRPOConfig.model_validate(base)
+    return grpo_config.GRPOConfig.model_validate(base)
 
 
 def test_short_run_raises_reward(tiny_qwen2, prompts, tmp_path):
@@ -139,7 +139,7 @@ def test_dynamic_sampling_drops_groups_that_do_not_vary(tiny_qwen2, prompts, tmp
     assert logged["groups/kept"] == 0 and logged["optimizer_steps"] == 0
 
 
-@pytest.mark.parametrize("algo", sorted(grpo.ALGOS))
+@pytest.mark.parametrize("algo", sorted(grpo_config.ALGOS))
 def test_each_algo_runs_and_updates(algo, tiny_qwen2, prompts, tmp_path):
     grpo.run(config(tiny_qwen2, prompts, tmp_path / algo, algo=algo, run__max_steps=2,
                     grpo__minibatch_size=8))  # fmt: skip
@@ -164,6 +164,6 @@ def test_grpo_raises_held_out_accuracy_of_a_briefly_sfted_model(tmp_path):
     raw["data"].update(train=str(start / "data" / "train.jsonl"),
                        eval=str(start / "data" / "eval.jsonl"))  # fmt: skip
     raw["run"].update(out_dir=str(tmp_path / "grpo"), max_steps=150, progress=False, save_every=0)
-    summary = grpo.run(grpo.GRPOConfig.model_validate(raw))
+    summary = grpo.run(grpo_config.GRPOConfig.model_validate(raw))
     before, after = summary["accuracy_before"], summary["accuracy_after"]
     assert after >= before + 0.10, f"held-out accuracy {before:.1%} -> {after:.1%}"

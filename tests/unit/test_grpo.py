@@ -13,8 +13,6 @@ from posttrain.config import ConfigError, load_config
 from posttrain.data.packing import pack
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.recipes.grpo import (
-    ALGOS,
-    GRPOConfig,
     MicroBatch,
     advantages_of,
     completion_logprobs,
@@ -25,6 +23,7 @@ from posttrain.recipes.grpo import (
     objective,
     overlong_penalty,
 )
+from posttrain.recipes.grpo_config import ALGOS, GRPOConfig
 from posttrain.recipes.grpo_inputs import Scorer, digit_match, load_prompt_rows
 from posttrain.rollout import HFSampler, SamplingParams
 
