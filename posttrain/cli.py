@@ -26,6 +26,11 @@ RECIPES: dict[str, tuple[str, str, str]] = {
         "DPOConfig",
         "direct preference optimization: DPO, IPO, robust/cDPO, hinge, SimPO, ORPO, KTO",
     ),
+    "iterative-dpo": (
+        "posttrain.recipes.iterative_dpo",
+        "IterativeDPOConfig",
+        "rounds of sampling the policy, pairing its best and worst answers by reward, and DPO",
+    ),
     "grpo": (
         "posttrain.recipes.grpo",
         "GRPOConfig",

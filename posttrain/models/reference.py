@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
-import tempfile
 from array import array
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch
 
 from posttrain.data.packing import Batch
 from posttrain.models.logprobs import target_logprobs
+from posttrain.train.checkpoint import write_atomic
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Batch, num_sequences: int) -> torch.Tensor:
@@ -114,17 +113,5 @@ def load_cached(path: Path) -> dict[str, torch.Tensor] | None:
 
 
 def save_cached(path: Path, tensors: dict[str, torch.Tensor]) -> Path:
-    """Write `tensors` to `path` atomically: a concurrent reader sees the old file or the whole
-    new one, and a killed write leaves only a temporary file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(tensors, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `tensors` to `path` atomically (`write_atomic`)."""
+    return write_atomic(path, lambda f: torch.save(tensors, f))

@@ -4,7 +4,8 @@ A checkpoint is a directory `checkpoints/step-NNNNNNNN/` holding the trainable w
 (safetensors), the optimizer and scheduler state, the step (from which the data position
 follows), and each process's random-number-generator states. It is written under a temporary
 name and renamed into place, so a directory named `step-*` is always complete: a run killed
-mid-write leaves only a `.tmp-*` directory, which the next start removes.
+mid-write leaves only a `.tmp-*` directory, which the next start removes. Single files (cached
+reference log-probs, round summaries) go through `write_atomic`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import json
 import os
 import random
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -23,6 +26,24 @@ from safetensors.torch import load_file, save_file
 from posttrain.train.distributed import Dist
 
 PREFIX = "step-"
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Create or replace the file `path` with what `write(f)` writes to a binary file: a
+    concurrent reader sees the old file or the whole new one, and a killed write leaves only a
+    `.tmp-*` file beside it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def _fsync_dir(path: Path) -> None:

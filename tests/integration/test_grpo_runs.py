@@ -149,16 +149,11 @@ def test_each_algo_runs_and_updates(algo, tiny_qwen2, prompts, tmp_path):
 
 
 @pytest.mark.slow
-def test_grpo_raises_held_out_accuracy_of_a_briefly_sfted_model(tmp_path):
-    """docs/grpo.md's demo, shortened (about 10 minutes on 2 cores): the quickstart SFTs a tiny
-    model on worked sums for 150 steps, then `examples/grpo.yaml` runs GRPO against math-verify;
-    greedy accuracy on 500 sums never seen in training rises by at least 10 points."""
-    from posttrain.recipes.quickstart import QuickstartConfig
-    from posttrain.recipes.quickstart import run as quickstart
-
-    start = tmp_path / "start"
-    quickstart(QuickstartConfig(out_dir=str(start), operators="+", worked=True,
-                                train_examples=9500, steps=150))  # fmt: skip
+def test_grpo_raises_held_out_accuracy_of_a_briefly_sfted_model(worked_sums_start, tmp_path):
+    """docs/grpo.md's demo, shortened (about 10 minutes on 2 cores): from the worked-sums SFT
+    start, `examples/grpo.yaml` runs GRPO against math-verify; greedy accuracy on 500 sums never
+    seen in training rises by at least 10 points."""
+    start = worked_sums_start
     raw = yaml.safe_load((Path(__file__).parents[2] / "examples" / "grpo.yaml").read_text())
     raw["model"]["path"] = str(start / "sft" / "final")
     raw["data"].update(train=str(start / "data" / "train.jsonl"),

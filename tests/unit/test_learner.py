@@ -147,3 +147,18 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, tiny_q
     fresh = Learner(AutoModelForCausalLM.from_pretrained(tiny_qwen2), ONE, lr=1e-2, total_steps=10)
     assert fresh.resume(tmp_path) == 3
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # the leftover is gone
+
+
+def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "d" / "summary.json"
+    checkpoint.write_atomic(path, lambda f: f.write(b'{"round": 1}'))
+    assert path.read_bytes() == b'{"round": 1}'
+
+    def dies_halfway(f):
+        f.write(b'{"round": 2, "pai')
+        raise KeyboardInterrupt  # a kill mid-write
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.write_atomic(path, dies_halfway)
+    assert path.read_bytes() == b'{"round": 1}'  # the old file, whole
+    assert [p.name for p in path.parent.iterdir()] == ["summary.json"]  # no temporary left
