@@ -8,9 +8,12 @@ from pathlib import Path
 from posttrain.train.metrics import read_metrics
 
 
-def plot_curves(out_dir: Path, keys: Sequence[str], path: Path) -> Path | None:
-    """One panel per metric in `keys` against the step, from `out_dir/metrics.jsonl`; keys
-    never logged are left out. Returns the PNG path, or None when there is nothing to draw."""
+def plot_curves(
+    out_dir: Path, keys: Sequence[str], path: Path, x_label: str = "step"
+) -> Path | None:
+    """One panel per metric in `keys` against the step (named `x_label` on the axis), from
+    `out_dir/metrics.jsonl`; keys never logged are left out. Returns the PNG path, or None when
+    there is nothing to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,7 +38,7 @@ def plot_curves(out_dir: Path, keys: Sequence[str], path: Path) -> Path | None:
             smooth = [sum(values[max(0, i - w + 1) : i + 1]) / len(values[max(0, i - w + 1) : i + 1]) for i in range(len(values))]  # fmt: skip
             ax.plot(steps, smooth, linewidth=1.8, label=f"mean of last {w}")
             ax.legend(loc="best", fontsize=8)
-        ax.set_xlabel("step")
+        ax.set_xlabel(x_label)
         ax.set_title(key)
         ax.grid(alpha=0.3)
     fig.suptitle(Path(out_dir).name)

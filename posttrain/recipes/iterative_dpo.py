@@ -270,10 +270,10 @@ def run(cfg: IterativeDPOConfig) -> dict:
             print(f"round {k}/{r.rounds}: {len(pairs)} pairs from {len(rows)} prompts, "
                   f"sample accuracy {record['sample/accuracy']:.3f}, held-out greedy accuracy "
                   f"{record['eval/accuracy']}", flush=True)  # fmt: skip
-        plot_curves(out, CURVES, out / "curves.png")
+        plot_curves(out, CURVES, out / "curves.png", x_label="round")
 
     logger.close()
     summary["final_model"] = policy
     write_json_atomic(out / "summary.json", summary)
-    plot_curves(out, CURVES, out / "curves.png")
+    plot_curves(out, CURVES, out / "curves.png", x_label="round")
     return summary
