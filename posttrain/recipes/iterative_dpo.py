@@ -60,7 +60,7 @@ class RoundsSection(Section):
     samples_per_prompt: int = Field(8, ge=2)
     """Completions sampled per prompt; the best and the worst of them make the pair."""
     max_new_tokens: int = 256
-    """Longest completion; longer ones are cut (never chosen)."""
+    """Longest completion; longer ones are cut (and not chosen, unless chosen_truncated)."""
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature."""
     top_p: float = 1.0
