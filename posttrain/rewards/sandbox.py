@@ -9,18 +9,23 @@ Three processes, each doing one job (threat model and limits: docs/sandbox.md):
       |                  streams stdin, reads stdout/stderr up to a cap, enforces the wall clock
       A (setup)          unshares user, mount, pid, net, ipc, uts and cgroup namespaces; a forked
       |                  helper that stays outside writes the uid/gid maps
-      C (pid 1)          builds a new root (read-only binds of the Python install and system
-      |                  libraries, a size-capped tmpfs /tmp, minimal /dev and /etc, its own /proc),
-      |                  pivot_roots into it, then waits for D and reports D's status on a private pipe
+      C (pid 1)          builds a new root on a tmpfs mounted over /tmp in its own mount namespace
+      |                  (read-only binds of the system libraries, the Python install at /python,
+      |                  a size-capped tmpfs /tmp, minimal /dev and /etc, its own /proc),
+      |                  pivot_roots into it and re-executes itself as
+      |                  `/python/bin/python -I -S /sandbox.py`, so its command line names no host
+      |                  path; then waits for D and reports D's status on a private pipe
       D (user code)      drops to uid 1000 inside (an unprivileged uid outside), no capabilities,
                          no_new_privs, rlimits, all other fds closed; execs `python -I main.py`
 
-When C exits the kernel kills every process left in its pid namespace, and the namespace's
-mounts (the tmpfs holding everything the code wrote) vanish with it. The parent stops a run by
-asking A to kill C, so `run_python` returns only after the namespace is empty.
+Nothing is created on the host: the root's tmpfs covers /tmp only inside the namespace, so a
+killed trainer leaves no directory behind. When C exits the kernel kills every process left in
+its pid namespace, and the namespace's mounts (everything the code wrote) vanish with it. The
+parent stops a run by asking A to kill C, so `run_python` returns only after the namespace is
+empty.
 
-This module runs as A, C and D too (`python -I -S sandbox.py --sandbox-init`), so it imports
-only the standard library.
+This module runs as A, C and D too (`python -I -S sandbox.py --sandbox-init`, then
+`--sandbox-pid1` from inside the root), so it imports only the standard library.
 """
 
 from __future__ import annotations
@@ -39,7 +44,6 @@ import signal
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -67,6 +71,13 @@ SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "
 EXIT_SETUP_FAILED = 125
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/lib32", "/libx32")
 DEVICES = ("null", "zero", "full", "random", "urandom")
+PYTHON_INSIDE = "/python"
+"""Where a Python install outside SYSTEM_DIRS (pyenv, uv, conda...) appears in the sandbox."""
+INIT_INSIDE = "/sandbox.py"
+"""This module's source, copied into the root so that C re-executes from a path inside."""
+ROOT_MOUNT_POINTS = ("/tmp", "/mnt", "/var/tmp", "/media", "/srv")
+"""Host directories the root's tmpfs may cover (inside the mount namespace only): the first
+that exists and holds no directory the sandbox binds from is used."""
 
 
 @dataclass(frozen=True)
@@ -147,34 +158,34 @@ def run_python(
     `SandboxUnavailable` when the sandbox cannot be built here (the code is then not run).
     """
     limits = limits or SandboxLimits()
-    workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
-    status_r, status_w = os.pipe()
+    python_inside, python_env = _python_inside()
     config = {
         "code": code,
         "args": list(args),
         "limits": asdict(limits),
-        "root": workdir,
-        "python": _python_executable(),
+        "root": _root_mount_point(),
+        "python": python_inside,
+        "python_env": python_env,
         "binds": _read_only_binds(),
         "parent_pid": os.getpid(),
     }
+    # A memfd, not a temporary file: a killed trainer leaves nothing in the temp directory.
+    config_fd = os.memfd_create("sandbox-config", 0)
+    status_r, status_w = os.pipe()
     try:
-        with tempfile.TemporaryFile() as config_file:
-            config_file.write(json.dumps(config).encode())
-            config_file.flush()
-            config_file.seek(0)
-            cfg_fd = config_file.fileno()
-            process = subprocess.Popen(
-                [config["python"], "-I", "-S", os.path.abspath(__file__), "--sandbox-init"]
-                + [str(cfg_fd), str(status_w)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env={"LANG": "C.UTF-8"},
-                cwd="/",
-                pass_fds=(cfg_fd, status_w),
-                start_new_session=True,
-            )
+        os.write(config_fd, json.dumps(config).encode())
+        os.lseek(config_fd, 0, os.SEEK_SET)
+        process = subprocess.Popen(
+            [_python_executable(), "-I", "-S", os.path.abspath(__file__), "--sandbox-init"]
+            + [str(config_fd), str(status_w)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env={"LANG": "C.UTF-8"},
+            cwd="/",
+            pass_fds=(config_fd, status_w),
+            start_new_session=True,
+        )
         os.close(status_w)
         status_w = -1
         return _supervise(process, status_r, stdin.encode(), limits)
@@ -182,14 +193,7 @@ def run_python(
         if status_w >= 0:
             os.close(status_w)
         os.close(status_r)
-        # Only an empty mount point is ever left here: everything the code wrote lived in the
-        # namespace's tmpfs. rmdir, not rmtree, so a bug can never delete more than that.
-        try:
-            os.rmdir(workdir)
-        except OSError:
-            import shutil
-
-            shutil.rmtree(workdir, ignore_errors=True)
+        os.close(config_fd)
 
 
 def _supervise(
@@ -280,7 +284,10 @@ def _supervise(
     if "wait_status" in report:
         returncode = os.waitstatus_to_exitcode(report["wait_status"])
         cpu_s, max_rss_mb = report["cpu_s"], report["max_rss_kb"] / 1024
-        if returncode in (-signal.SIGXCPU, -signal.SIGKILL) and cpu_s >= limits.cpu_s - 0.05:
+        # RLIMIT_CPU sends SIGXCPU at the soft limit, SIGKILL at the hard one. The code may send
+        # either to itself, hence the CPU check; its margin because rusage can read under the
+        # limit on a busy VM (0.94 s for a 1 s limit seen).
+        if returncode in (-signal.SIGXCPU, -signal.SIGKILL) and cpu_s >= 0.9 * limits.cpu_s:
             timed_out = True
     elif kill_at is None:
         raise RuntimeError(
@@ -313,20 +320,75 @@ def _python_executable() -> str:
     return os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
 
 
+def _is_within(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
 @functools.cache
-def _read_only_binds() -> list[str]:
-    """System library directories plus wherever this Python lives (pyenv, uv, conda...)."""
-    python_dirs = {
-        os.path.realpath(sys.base_prefix),
-        os.path.dirname(_python_executable()),
-        os.path.realpath(sysconfig.get_config_var("LIBDIR") or sys.base_prefix),
-    }
-    binds = [d for d in SYSTEM_DIRS if os.path.lexists(d)]
-    for path in sorted(python_dirs):
-        covered = any(path == b or path.startswith(b.rstrip("/") + "/") for b in binds)
+def _python_prefix() -> str | None:
+    """The Python install's host directory when it lies outside SYSTEM_DIRS, else None."""
+    prefix = os.path.realpath(sys.base_prefix)
+    return None if any(_is_within(prefix, d) for d in SYSTEM_DIRS) else prefix
+
+
+def _path_inside(host_path: str) -> str:
+    """Where `host_path` (a file of the Python install or a system file) appears inside."""
+    prefix = _python_prefix()
+    if prefix is not None and _is_within(host_path, prefix):
+        return PYTHON_INSIDE + host_path[len(prefix) :]
+    return host_path
+
+
+@functools.cache
+def _read_only_binds() -> list[tuple[str, str]]:
+    """(host path, path inside): system library directories at their own paths, the Python
+    install at /python, so that its host path (/root/.pyenv/..., /home/me/...) shows in no
+    command line or file name inside. An interpreter or library directory outside both (rare
+    layouts) is bound at its host path."""
+    binds = [(d, d) for d in SYSTEM_DIRS if os.path.lexists(d)]
+    prefix = _python_prefix()
+    if prefix is not None:
+        binds.append((prefix, PYTHON_INSIDE))
+    libdir = os.path.realpath(sysconfig.get_config_var("LIBDIR") or sys.base_prefix)
+    for path in sorted({os.path.dirname(_python_executable()), libdir}):
+        covered = any(_is_within(path, host) for host, _ in binds)
         if not covered and os.path.isdir(path):
-            binds.append(path)
+            binds.append((path, path))
     return binds
+
+
+@functools.cache
+def _python_inside() -> tuple[str, dict[str, str]]:
+    """The interpreter's path inside, and the environment it needs there.
+
+    A shared-library build (pyenv's default) finds libpython through an absolute RUNPATH to
+    its host prefix, which does not exist inside: LD_LIBRARY_PATH points at /python/lib instead.
+    The interpreter finds its standard library from its own location (the `lib/pythonX.Y/os.py`
+    landmark next to `bin/`), so it needs no PYTHONHOME (which `-I` would ignore anyway).
+    """
+    env = {}
+    libdir = os.path.realpath(sysconfig.get_config_var("LIBDIR") or sys.base_prefix)
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and _path_inside(libdir) != libdir:
+        env["LD_LIBRARY_PATH"] = _path_inside(libdir)
+    return _path_inside(_python_executable()), env
+
+
+@functools.cache
+def _root_mount_point() -> str:
+    """A host directory to mount the root's tmpfs over, inside the mount namespace only.
+
+    It must not hold (or be inside) anything bound from the host, which the tmpfs would hide.
+    """
+    needed = [host for host, _ in _read_only_binds()] + ["/dev", "/proc", "/etc"]
+    for candidate in ROOT_MOUNT_POINTS:
+        real = os.path.realpath(candidate)
+        clash = any(_is_within(real, p) or _is_within(p, real) for p in needed)
+        if os.path.isdir(real) and not clash:
+            return real
+    raise SandboxUnavailable(
+        f"no directory to mount the sandbox root on: each of {ROOT_MOUNT_POINTS} is missing "
+        f"or holds a directory the sandbox binds from ({needed})"
+    )
 
 
 @functools.cache
@@ -443,13 +505,40 @@ def _enter_namespaces(status_fd: int) -> None:
 
 
 def _init_process(config: dict, status_fd: int) -> None:
-    """Process C, pid 1 of the new pid namespace: build the root, run D, report, exit."""
+    """Process C, pid 1 of the new pid namespace: build the root, then re-execute from inside it.
+
+    The code can read /proc/1/cmdline. Forked from A, C would show A's command line (the host
+    interpreter and this file's host path), so it execs `/python/bin/python -I -S /sandbox.py`
+    and passes what it still needs, none of it a host path, in a memfd.
+    """
     try:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # kept across the exec (no setuid)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         # pid 1 only receives signals it handles: keep none, so the code cannot stop us.
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         _build_root(config)
+        inner = {key: config[key] for key in ("args", "limits", "python", "python_env")}
+        inner_fd = os.memfd_create("sandbox-config")
+        os.write(inner_fd, json.dumps(inner).encode())
+        os.lseek(inner_fd, 0, os.SEEK_SET)
+        os.set_inheritable(inner_fd, True)
+        os.set_inheritable(status_fd, True)
+        argv = [config["python"], "-I", "-S", INIT_INSIDE, "--sandbox-pid1"]
+        env = {"LANG": "C.UTF-8", **config["python_env"]}
+        os.execve(config["python"], argv + [str(inner_fd), str(status_fd)], env)
+    except Exception as e:
+        _report(status_fd, {"error": f"sandbox setup failed: {type(e).__name__}: {e}"})
+        os._exit(EXIT_SETUP_FAILED)
+
+
+def _pid1(config_fd: int, status_fd: int) -> None:
+    """Process C after its exec, inside the root: run D, report its status, exit."""
+    global _libc
+    try:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        os.set_inheritable(status_fd, False)
+        with os.fdopen(config_fd, "rb") as f:
+            config = json.load(f)
     except Exception as e:
         _report(status_fd, {"error": f"sandbox setup failed: {type(e).__name__}: {e}"})
         os._exit(EXIT_SETUP_FAILED)
@@ -472,24 +561,30 @@ def _init_process(config: dict, status_fd: int) -> None:
 
 
 def _build_root(config: dict) -> None:
-    """Mount a new root on the (host) work directory and pivot_root into it.
+    """Mount a new root over `config["root"]` (in this mount namespace only), pivot_root into it.
 
-    The root holds: read-only binds of the system library directories and the Python install,
-    a read-only /etc with a passwd line for the sandbox user, /dev with five device nodes,
-    a size-capped tmpfs /tmp (the only writable place; /dev/shm is the same tmpfs) and a
-    /proc for this pid namespace. Nothing else of the host exists in it.
+    The root holds: read-only binds of the system library directories and of the Python install
+    (at /python), this module's source (/sandbox.py), a read-only /etc with a passwd line for
+    the sandbox user, /dev with five device nodes, a size-capped tmpfs /tmp (the only writable
+    place; /dev/shm is the same tmpfs) and a /proc for this pid namespace. Nothing else of the
+    host exists in it.
     """
     root, limits = config["root"], config["limits"]
+    with open(__file__) as f:  # before the tmpfs covers `root`, in case this file is under it
+        init_source = f.read()
     _mount(None, "/", None, MS_REC | MS_PRIVATE, None)
+    # Private to this mount namespace: the host never sees the tmpfs nor anything in it.
     _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,nr_inodes=1024,mode=755")
-    for path in config["binds"]:
-        target = root + path
-        if os.path.islink(path):  # merged /usr: /bin -> usr/bin
+    for source, inside in config["binds"]:
+        target = root + inside
+        if os.path.islink(source):  # merged /usr: /bin -> usr/bin
             os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.symlink(os.readlink(path), target)
-        elif os.path.isdir(path):
+            os.symlink(os.readlink(source), target)
+        elif os.path.isdir(source):
             os.makedirs(target, exist_ok=True)
-            _bind_read_only(path, target)
+            _bind_read_only(source, target)
+    with open(root + INIT_INSIDE, "w") as f:
+        f.write(init_source)
 
     os.makedirs(root + "/etc")
     for name, text in {
@@ -611,6 +706,7 @@ def _exec_code(config: dict, status_fd: int) -> None:
             resource.setrlimit(rlimit, value)
         os.chdir("/tmp")
         env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8"}
+        env.update(config["python_env"])
         python = config["python"]
         os.execve(python, [python, "-I", "main.py", *config["args"]], env)
     except BaseException as e:
@@ -620,3 +716,5 @@ def _exec_code(config: dict, status_fd: int) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--sandbox-init"]:
     _sandbox_init(int(sys.argv[2]), int(sys.argv[3]))
+if __name__ == "__main__" and sys.argv[1:2] == ["--sandbox-pid1"]:
+    _pid1(int(sys.argv[2]), int(sys.argv[3]))

@@ -2,7 +2,8 @@
 
 Every attempt runs real code in a real sandbox (no mocks). Limits are always set first and
 kept small (a few processes, 128 MB, a second or two) so a broken sandbox cannot take the
-shared machine down with it.
+shared machine down with it. A machine that cannot build the sandbox fails these tests; set
+POSTTRAIN_ALLOW_NO_SANDBOX=1 to skip them instead where that is known and accepted.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import textwrap
 import time
@@ -24,8 +26,24 @@ import pytest
 
 from posttrain.rewards.sandbox import SandboxLimits, run_python, sandbox_available
 
-AVAILABLE, WHY = sandbox_available()
-needs_sandbox = pytest.mark.skipif(not AVAILABLE, reason=f"sandbox unavailable here: {WHY}")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def no_sandbox(why: str) -> None:
+    """Fail: CI machines build the sandbox. Skip only where the user says it cannot be built."""
+    if os.environ.get("POSTTRAIN_ALLOW_NO_SANDBOX") == "1":
+        pytest.skip(f"sandbox unavailable (POSTTRAIN_ALLOW_NO_SANDBOX=1): {why}")
+    pytest.fail(f"sandbox unavailable: {why}\n(set POSTTRAIN_ALLOW_NO_SANDBOX=1 to skip instead)")
+
+
+@pytest.fixture
+def sandbox() -> None:
+    available, why = sandbox_available()
+    if not available:
+        no_sandbox(why)
+
+
+needs_sandbox = pytest.mark.usefixtures("sandbox")
 SMALL = SandboxLimits(wall_s=5, cpu_s=2, memory_mb=128, max_processes=4, max_output_bytes=65536)
 
 
@@ -139,11 +157,38 @@ def test_parent_environment_is_not_inherited(monkeypatch):
     monkeypatch.setenv("POSTTRAIN_TEST_SECRET", secret)
     result = run("import os; print(sorted(os.environ.items()))")
     assert secret not in result.stdout
-    assert result.stdout.strip() == str(
-        sorted(
-            {"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin", "TMPDIR": "/tmp"}.items()
-        )
+    expected = {"HOME": "/tmp", "LANG": "C.UTF-8", "PATH": "/usr/bin:/bin", "TMPDIR": "/tmp"}
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and not sys.base_prefix.startswith("/usr/"):
+        expected["LD_LIBRARY_PATH"] = "/python/lib"  # libpython of a pyenv-like install, inside
+    assert result.stdout.strip() == str(sorted(expected.items()))
+
+
+@needs_sandbox
+def test_cannot_learn_host_paths_from_proc(tmp_path, monkeypatch):
+    """Command lines, environments, executables and mapped files of every process it can see
+    name no host path: not the repo, the venv, the Python install or the temp directory."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # any temp path would name it
+    host_paths = {str(REPO), sys.executable, os.path.realpath(sys.executable), str(tmp_path)}
+    if not os.path.realpath(sys.base_prefix).startswith("/usr/"):
+        host_paths.add(os.path.realpath(sys.base_prefix))  # e.g. /root/.pyenv/versions/3.11.7
+    result = run(
+        """
+        import os, sys
+        print("executable", sys.executable, os.readlink("/proc/self/exe"), sys.path)
+        for pid in sorted(p for p in os.listdir("/proc") if p.isdigit()) + ["self"]:
+            for name in ("cmdline", "environ", "maps"):
+                try:
+                    with open(f"/proc/{pid}/{name}", "rb") as f:
+                        print(pid, name, f.read())
+                except OSError as e:
+                    print(pid, name, "refused", type(e).__name__)
+        """
     )
+    assert result.returncode == 0, result.stderr
+    assert "1 cmdline b'" in result.stdout  # pid 1's command line was read...
+    assert "self environ b'" in result.stdout and "self maps b'" in result.stdout
+    for path in host_paths:
+        assert path not in result.stdout, f"{path} leaks into the sandbox:\n{result.stdout}"
 
 
 @needs_sandbox
@@ -196,7 +241,7 @@ def test_busy_loop_is_stopped_by_the_cpu_limit():
     result = run("while True:\n    pass", limits=limits)
     assert result.timed_out
     assert result.returncode == -signal.SIGXCPU
-    assert result.cpu_s >= 0.95 and result.wall_s < 8
+    assert result.cpu_s >= 0.9 and result.wall_s < 8  # rusage reads under 1 s on a busy VM
 
 
 @needs_sandbox
@@ -362,9 +407,48 @@ def test_parallel_runs_are_isolated_from_each_other():
         assert result.stdout == f"{i} ['main.py', 'shared.txt']\n", result.stderr
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+@needs_sandbox
+def test_a_killed_trainer_leaves_nothing_behind(tmp_path):
+    """SIGKILL the process that called run_python mid-run: no directory is left in its temp
+    directory (nothing is ever created there), and the sandbox dies with it."""
+    temp_dir = tmp_path / "tmp"
+    temp_dir.mkdir()
+    token = f"1000.{secrets.randbelow(10**9)}"
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(REPO)!r})
+        from posttrain.rewards.sandbox import SandboxLimits, run_python
+        limits = SandboxLimits(wall_s=60, cpu_s=5, memory_mb=128, max_processes=4)
+        code = "import time; time.sleep(60)"
+        run_python(code, args=[os.environ["TOKEN"]], limits=limits)
+        """
+    )
+    # The token goes through the environment: in the script, the trainer would match it too.
+    env = {"TMPDIR": str(temp_dir), "LANG": "C.UTF-8", "TOKEN": token}
+    trainer = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while not processes_with(token):  # the sandboxed code is running
+            assert trainer.poll() is None and time.monotonic() < deadline, "sandbox never started"
+            time.sleep(0.05)
+        trainer.kill()
+        trainer.wait()
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+            trainer.wait()
+    deadline = time.monotonic() + 5
+    while processes_with(token) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with(token) == []
+    assert list(temp_dir.iterdir()) == []
+
+
 def test_fails_loudly_where_user_namespaces_are_off():
     """Inside a namespace whose user-namespace quota is 0, run_python must refuse, not run."""
+    if shutil.which("unshare") is None:
+        no_sandbox("this test needs util-linux `unshare` to build its outer namespace")
     script = (
         "from posttrain.rewards.sandbox import run_python, SandboxUnavailable\n"
         "try:\n    print(run_python('print(1)'))\n"
@@ -380,6 +464,6 @@ def test_fails_loudly_where_user_namespaces_are_off():
         cwd=Path(__file__).resolve().parents[2],
     )
     if probe.returncode != 0 and "unavailable:" not in probe.stdout:
-        pytest.skip(f"cannot build the test's outer namespace here: {probe.stderr[-300:]}")
+        no_sandbox(f"cannot build the test's outer namespace here: {probe.stderr[-300:]}")
     assert probe.stdout.startswith("unavailable: "), probe.stdout + probe.stderr
     assert "unshare" in probe.stdout and "user namespaces" in probe.stdout
