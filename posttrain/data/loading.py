@@ -56,11 +56,24 @@ def read_rows(path: str | Path, *, split: str = "train") -> Rows:
 
 
 def load_records(
-    path: str | Path, kind: str, *, limit: int | None = None, split: str = "train"
+    path: str | Path,
+    kind: str,
+    *,
+    limit: int | None = None,
+    split: str = "train",
+    max_chars: int | None = None,
 ) -> list[Record]:
     """Read and validate every row (the first `limit` rows, if given) as a `kind` record.
 
     Integer ids become strings, so `7` and `"7"` are the same id, and a repeated id is an error.
+
+    `max_chars` bounds each text of a row in characters (a prompt, a completion, each response;
+    a list of messages counts their contents together): a longer one is a DataError naming the
+    file, row and field, raised as the row is read, before anything tokenizes it. To refuse
+    texts that cannot fit in N tokens, pass
+    `max_chars=N * posttrain.data.tokenize.longest_token_chars(tokenizer)`: with a tokenizer that
+    drops no text (byte-level BPE, as Qwen, Llama 3 and GPT-2 have), no longer text is N tokens or
+    fewer, so this refuses only rows that would fail anyway.
     """
     record_type(kind)  # a misspelled kind should fail before a large file is read
     if limit is not None and limit < 1:
@@ -69,7 +82,7 @@ def load_records(
     records: list[Record] = []
     row_of_id: dict[str, int] = {}
     for row_number, row in read_rows(path, split=split):
-        record = parse_record(row, kind, source=source, row_number=row_number)
+        record = parse_record(row, kind, source=source, row_number=row_number, max_chars=max_chars)
         if record.id is not None:
             if record.id in row_of_id:
                 problem = f"duplicate id {record.id!r}, already used in row {row_of_id[record.id]}"

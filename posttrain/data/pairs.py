@@ -12,13 +12,21 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.packing import Batch, pack_shared, pad
 from posttrain.data.records import DataError, LabeledRecord, PreferenceRecord
-from posttrain.data.tokenize import TokenizedExample, completion_ids
+from posttrain.data.tokenize import (
+    TokenizedExample,
+    clip,
+    completion_ids,
+    longest_token_chars,
+    over_limit,
+    prompt_texts,
+)
 
 
 @dataclass
@@ -60,33 +68,49 @@ def tokenize_pairs(
     truncate: bool,
 ) -> list[PairExample]:
     """Tokenize preference (or, for KTO, labeled or preference) records; a prompt or answer
-    over its limit fails naming the row and field, unless `truncate` cuts the answer.
+    over its limit fails naming the row and field, unless `truncate` cuts the answer; a row far
+    over its limit fails before it is tokenized whole (`over_limit`).
 
     KTO: each record's completion(s) become examples of their own, and example i's second
     answer is the completion of example j = next(i) in a seeded cyclic order of all examples
     (a derangement, so never its own completion), cut to fit `max_length`."""
+    longest = longest_token_chars(tokenizer)
+    prompt_limit = f"data.max_prompt_length={max_prompt_length}"
+    length_limit = f"data.max_length={max_length}"
+    cut_hint = " (set data.truncate=true to cut it)"
     rows = []  # (prompt ids, [(answer ids, label)]) per record
     for index, r in enumerate(records):
-        row = r.row or index + 1
+        fail = partial(DataError, source, r.row or index + 1)
         texts = (
             [("completion", r.completion, r.label)]
             if isinstance(r, LabeledRecord)
             else [("chosen", r.chosen, True), ("rejected", r.rejected, False)]
         )
+        prompt_fields = prompt_texts(r.prompt)
+        if found := over_limit(tokenizer, prompt_fields, max_prompt_length, longest):
+            raise fail(found.field, found.problem("prompt", prompt_limit))
         answers = []
         for field, text, label in texts:
+            if truncate:
+                text = clip(tokenizer, text, max_length, longest)
+            elif found := over_limit(
+                tokenizer, [*prompt_fields, (field, text)], max_length, longest
+            ):
+                raise fail(found.field, found.problem(f"prompt + {field}", length_limit, cut_hint))
             prompt, answer = completion_ids(tokenizer, r.prompt, text, chat)
             if len(prompt) > max_prompt_length:
-                raise DataError(source, row, "prompt", f"prompt is {len(prompt)} tokens, longer "
-                                f"than data.max_prompt_length={max_prompt_length}")  # fmt: skip
+                raise fail("prompt", f"prompt is {len(prompt)} tokens, longer than {prompt_limit}")
             if len(prompt) + len(answer) > max_length:
                 if not truncate:
-                    raise DataError(source, row, field, f"prompt + {field} is "
-                                    f"{len(prompt) + len(answer)} tokens, longer than data.max_length="
-                                    f"{max_length} (set data.truncate=true to cut it)")  # fmt: skip
+                    raise fail(
+                        field,
+                        f"prompt + {field} is {len(prompt) + len(answer)} tokens (prompt "
+                        f"{len(prompt)}, {field} {len(answer)}), longer than {length_limit}"
+                        f"{cut_hint}",
+                    )
                 answer = answer[: max_length - len(prompt)]
             if not answer:
-                raise DataError(source, row, field, "no answer tokens left to train on")
+                raise fail(field, "no answer tokens left to train on")
             answers.append((answer, label))
         rows.append((prompt, answers))
     if not kto:

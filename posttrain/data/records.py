@@ -143,10 +143,17 @@ def record_type(kind: str) -> type:
     return KINDS[kind]
 
 
-def parse_record(row: dict[str, Any], kind: str, *, source: str, row_number: int) -> Record:
-    """Validate one raw row as a `kind` record; DataError names the source, row and field."""
+def parse_record(
+    row: dict[str, Any], kind: str, *, source: str, row_number: int, max_chars: int | None = None
+) -> Record:
+    """Validate one raw row as a `kind` record; DataError names the source, row and field.
+
+    `max_chars`, if given, bounds each text of the row in characters (a list of messages: their
+    contents together), so a huge row can be refused before anything tokenizes it."""
     record_type(kind)
-    check = _RowChecker(source, row_number)
+    if max_chars is not None and max_chars < 1:
+        raise ValueError(f"max_chars must be a positive integer or None, got {max_chars!r}")
+    check = _RowChecker(source, row_number, max_chars)
     if not isinstance(row, dict):
         raise check.error(None, f"expected an object with named fields, got {_type_name(row)}")
     required = REQUIRED_FIELDS[kind]
@@ -188,8 +195,8 @@ def _type_name(value: object) -> str:
 class _RowChecker:
     """Reads typed values out of one row; every failure is a DataError naming the row and field."""
 
-    def __init__(self, source: str, row_number: int) -> None:
-        self.source, self.row_number = source, row_number
+    def __init__(self, source: str, row_number: int, max_chars: int | None = None) -> None:
+        self.source, self.row_number, self.max_chars = source, row_number, max_chars
 
     def error(self, name: str | None, problem: str) -> DataError:
         return DataError(self.source, self.row_number, name, problem)
@@ -197,6 +204,9 @@ class _RowChecker:
     def text(self, name: str, value: object) -> str:
         if not isinstance(value, str):
             raise self.error(name, f"expected a string, got {_type_name(value)}")
+        if self.max_chars is not None and len(value) > self.max_chars:
+            problem = f"{len(value)} characters, more than max_chars={self.max_chars}"
+            raise self.error(name, problem)
         if not value.strip():
             raise self.error(name, "empty or whitespace-only text")
         try:
@@ -215,6 +225,7 @@ class _RowChecker:
         if not value:
             raise self.error(name, "empty list; expected at least one message")
         messages = []
+        chars = 0
         for i, message in enumerate(value):
             where = f"{name}[{i}]"
             if not isinstance(message, dict):
@@ -239,9 +250,15 @@ class _RowChecker:
                 raise self.error(
                     f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}"
                 )
-            messages.append(
-                {"role": role, "content": self.text(f"{where}.content", message["content"])}
-            )
+            content = self.text(f"{where}.content", message["content"])
+            chars += len(content)
+            if self.max_chars is not None and chars > self.max_chars:
+                problem = (
+                    f"{name}[0] to {where} are {chars} characters together, more than "
+                    f"max_chars={self.max_chars}"
+                )
+                raise self.error(f"{where}.content", problem)
+            messages.append({"role": role, "content": content})
         return messages
 
     def conversation(self, value: object) -> list[Message]:

@@ -17,6 +17,8 @@ Too long: an error naming the row and field, or with `truncate`, the prompt is c
 left (its end, next to the answer, is what matters most) so that prompt + the longest response
 fits; a response longer than the limit on its own keeps its last tokens. All responses of a
 comparison keep the same prompt tokens, so a decoder computes the prompt once for all of them.
+A row far over a limit fails, or with `truncate` is cut, before it is tokenized whole
+(`over_limit` and `clip` in `posttrain.data.tokenize`).
 
 Multi-objective heads: with named heads, a row column named after a head holds one number per
 response (pairs: `[chosen, rejected]`; rankings: in the order of `responses`), higher is better;
@@ -31,6 +33,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -38,7 +41,14 @@ from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.packing import Batch, pack, pack_shared, pad
 from posttrain.data.records import DataError, PreferenceRecord, Prompt, RankingRecord
-from posttrain.data.tokenize import TokenizedExample, completion_ids
+from posttrain.data.tokenize import (
+    TokenizedExample,
+    clip,
+    completion_ids,
+    longest_token_chars,
+    over_limit,
+    prompt_texts,
+)
 
 Layout = Literal["shared", "packed", "padded"]
 
@@ -148,9 +158,14 @@ def tokenize_comparisons(
     `heads` empty or one name: a single head trained on the rows' order; more: head columns as
     the module docstring says."""
     read_columns = len(heads) > 1
+    tokenizer = encoder.tokenizer
+    longest = longest_token_chars(tokenizer)
+    prompt_limit = f"data.max_prompt_length={max_prompt_length}"
+    length_limit = f"data.max_length={max_length}"
     comparisons = []
     for index, record in enumerate(records):
         row = record.row or index + 1
+        fail = partial(DataError, source, row)
         if isinstance(record, PreferenceRecord):
             texts, names, margin = (
                 [record.chosen, record.rejected],
@@ -160,32 +175,48 @@ def tokenize_comparisons(
         else:
             texts = record.responses
             names, margin = [f"responses[{k}]" for k in range(len(texts))], None
+        prompt = record.prompt
+        if truncate:  # truncation keeps the ends: of the prompt and of each response
+            prompt = _clip_prompt(tokenizer, prompt, max_prompt_length, longest)
+            texts = [clip(tokenizer, t, max_length, longest, keep_end=True) for t in texts]
+        else:
+            prompt_fields = prompt_texts(prompt)
+            if found := over_limit(tokenizer, prompt_fields, max_prompt_length, longest):
+                hint = " (set data.truncate=true to cut it from the left)"
+                raise fail(found.field, found.problem("prompt", prompt_limit, hint))
+            for name, text in zip(names, texts, strict=True):
+                found = over_limit(tokenizer, [*prompt_fields, (name, text)], max_length, longest)
+                if found:
+                    hint = " (set data.truncate=true to cut the prompt from the left)"
+                    raise fail(found.field, found.problem("prompt + response", length_limit, hint))
         try:
-            encoded = [encoder.encode(record.prompt, text) for text in texts]
+            encoded = [encoder.encode(prompt, text) for text in texts]
         except ValueError as err:  # a conversation prompt without a chat template
-            raise DataError(source, row, "prompt", str(err)) from None
+            raise fail("prompt", str(err)) from None
         prompt = encoded[0][0]
         responses = [tail for _, tail in encoded]
         for name, tail in zip(names, responses, strict=True):
             if not tail:
-                raise DataError(source, row, name, "no tokens left after tokenization")
+                raise fail(name, "no tokens left after tokenization")
         if len(prompt) > max_prompt_length:
             if not truncate:
-                raise DataError(
-                    source, row, "prompt",
-                    f"prompt is {len(prompt)} tokens, longer than data.max_prompt_length="
-                    f"{max_prompt_length} (set data.truncate=true to cut it from the left)",
-                )  # fmt: skip
+                raise fail(
+                    "prompt",
+                    f"prompt is {len(prompt)} tokens, longer than {prompt_limit} "
+                    "(set data.truncate=true to cut it from the left)",
+                )
             prompt = prompt[-max_prompt_length:]
-        longest = max(range(len(texts)), key=lambda k: len(responses[k]))
-        total = len(prompt) + len(responses[longest]) + encoder.special
+        longest_response = max(range(len(texts)), key=lambda k: len(responses[k]))
+        total = len(prompt) + len(responses[longest_response]) + encoder.special
         if total > max_length:
             if not truncate:
-                raise DataError(
-                    source, row, names[longest],
-                    f"prompt + response is {total} tokens, longer than data.max_length="
-                    f"{max_length} (set data.truncate=true to cut the prompt from the left)",
-                )  # fmt: skip
+                special = f", special tokens {encoder.special}" if encoder.special else ""
+                raise fail(
+                    names[longest_response],
+                    f"prompt + response is {total} tokens (prompt {len(prompt)}, response "
+                    f"{len(responses[longest_response])}{special}), longer than {length_limit} "
+                    "(set data.truncate=true to cut the prompt from the left)",
+                )
             prompt, responses = encoder.fit(prompt, responses, max_length)
         k = len(texts)
         order = [(i, j) for i in range(k) for j in range(i + 1, k)]
@@ -200,6 +231,18 @@ def tokenize_comparisons(
                 ]
         comparisons.append(Comparison(prompt, responses, pairs, order))
     return comparisons
+
+
+def _clip_prompt(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, limit: int, longest: int
+) -> Prompt:
+    """`prompt` with each text cut to the end that truncation to `limit` tokens keeps (`clip`)."""
+    if isinstance(prompt, str):
+        return clip(tokenizer, prompt, limit, longest, keep_end=True)
+    return [
+        {**m, "content": clip(tokenizer, m["content"], limit, longest, keep_end=True)}
+        for m in prompt
+    ]
 
 
 @dataclass

@@ -6,18 +6,32 @@ import random
 from collections.abc import Sequence
 
 from posttrain.data.loading import detect_kind, load_records, read_rows
-from posttrain.data.records import DataError, Record
+from posttrain.data.records import REQUIRED_FIELDS, DataError, Record
 
 
 def file_kind(path: str, accepted: Sequence[str]) -> str:
-    """The record kind of a file, judged from its first row and checked against `accepted`."""
+    """The record kind of a file, judged from its first row and checked against `accepted`.
+
+    A first row without the fields of any accepted kind is an error naming the fields it lacks
+    for the accepted kind it comes closest to."""
+    shapes = " or ".join("{" + ", ".join(REQUIRED_FIELDS[k]) + "}" for k in accepted)
     for number, row in read_rows(path):
+        missing = {k: [name for name in REQUIRED_FIELDS[k] if name not in row] for k in accepted}
+        if all(missing.values()):
+            # closest: the most of its fields present, then the fewest missing
+            closest = max(
+                accepted, key=lambda k: (len(row.keys() & REQUIRED_FIELDS[k]), -len(missing[k]))
+            )
+            names = missing[closest]
+            problem = (
+                f"missing field{'s' if len(names) > 1 else ''} {', '.join(map(repr, names))}; "
+                f"this recipe reads {shapes} rows (this row has {', '.join(row) or 'no fields'})"
+            )
+            raise DataError(path, number, None, problem)
         kind = detect_kind(row, source=path, row_number=number)
         if kind not in accepted:
-            raise DataError(
-                path, number, None,
-                f"rows look like '{kind}' records; this recipe takes {' or '.join(accepted)}",
-            )  # fmt: skip
+            problem = f"rows look like '{kind}' records; this recipe reads {shapes} rows"
+            raise DataError(path, number, None, problem)
         return kind
     raise DataError(path, None, None, "the file has no rows")
 

@@ -9,13 +9,19 @@ Chat formatting works at the text level: the template renders the conversation u
 and through it; the assistant's tokens are those of the difference. This needs only that the
 template renders a prefix of a conversation as a prefix of its text, which holds for the
 ChatML, Llama-3 and Qwen templates; a template where it does not is reported, not guessed at.
+
+Length limits are checked before a row is tokenized whole: of a row far longer than its limit,
+only a start is tokenized, enough to prove it is over (`over_limit`) or, with truncation, to hold
+every token truncation keeps (`clip`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
+from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from posttrain.data.records import CompletionRecord, ConversationRecord, DataError, Message, Prompt
@@ -41,7 +47,8 @@ def uses_chat_template(tokenizer: PreTrainedTokenizerBase, mode: str) -> bool:
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    # verbose=False: no warning that a text is longer than the model; limits are checked here
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
 def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool):
@@ -110,6 +117,97 @@ def conversation_example(
     return TokenizedExample(ids, mask)
 
 
+def prompt_texts(prompt: Prompt) -> list[tuple[str, str]]:
+    """A prompt's texts as (field, text) pairs, the way `over_limit` and error messages name them."""
+    if isinstance(prompt, str):
+        return [("prompt", prompt)]
+    return [(f"prompt[{i}].content", m["content"]) for i, m in enumerate(prompt)]
+
+
+def longest_token_chars(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The most characters one token can stand for: the longest vocabulary entry, added tokens
+    included. Byte-level BPE writes an entry with one character per byte and SentencePiece with
+    one per character, so through them a text of C characters is at least C / this many tokens."""
+    return max(1, max(map(len, tokenizer.get_vocab()), default=1))
+
+
+@dataclass(frozen=True)
+class Overlong:
+    """Proof, from a row's first characters, that it is over a token limit (`over_limit`)."""
+
+    field: str
+    """The text in which the counted characters end."""
+    chars: int
+    """That text's length in characters."""
+    tokens: int
+    """How many tokens the counted characters are: a lower bound on the row's."""
+
+    def problem(self, what: str, limit: str, hint: str = "") -> str:
+        return (
+            f"{what} is at least {self.tokens} tokens ({self.field}: {self.chars} characters), "
+            f"longer than {limit}{hint}"
+        )
+
+
+def over_limit(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[tuple[str, str]], limit: int, longest: int
+) -> Overlong | None:
+    """Whether `texts`, (field, text) pairs in sequence order, are surely more than `limit` tokens,
+    judged from their start alone (`_trial_sizes`), so that a 50 MB row fails at once instead of
+    after minutes and gigabytes of tokenizing.
+
+    A start more than `limit` tokens proves it. None when no start tried does: the texts are
+    short enough to tokenize whole, or drop text as they are tokenized (BERT drops whitespace)
+    so that only tokenizing them whole can tell. Proving from tokens counted, not bounding by
+    arithmetic alone, is what keeps this from refusing a row that would fit."""
+    for size in _trial_sizes(limit, longest, sum(len(text) for _, text in texts)):
+        parts, seen = [], 0
+        for field, text in texts:  # the first `size` characters, and the text they end in
+            parts.append(text[: size - seen])
+            seen += len(text)
+            if seen >= size:
+                tokens = len(_encode(tokenizer, "".join(parts)))
+                if tokens > limit:
+                    return Overlong(field, len(text), tokens)
+                break
+    return None
+
+
+def clip(
+    tokenizer: PreTrainedTokenizerBase,
+    text: str,
+    limit: int,
+    longest: int,
+    *,
+    keep_end: bool = False,
+) -> str:
+    """`text`, or when a start of it (`keep_end`: an end) is more than 2 x `limit` tokens, only
+    that start: truncating to `limit` tokens or fewer keeps tokens from it alone, so the rest of a
+    huge text is never tokenized. The tokens kept are the whole text's unless the word cut at the
+    edge is itself over `limit` tokens long (only the cut word tokenizes differently)."""
+    for size in _trial_sizes(2 * limit, longest, len(text)):
+        part = text[-size:] if keep_end else text[:size]
+        if len(_encode(tokenizer, part)) > 2 * limit:
+            return part
+    return text
+
+
+def _trial_sizes(limit: int, longest: int, length: int) -> list[int]:
+    """How many characters of a `length`-character text to tokenize, in turn, to show it is more
+    than `limit` tokens: (limit + 1) x 8, x 32, x 128... characters, then (limit + 1) x
+    `longest`, which for a tokenizer that drops no text is surely over (no token stands for more
+    characters than the longest vocabulary entry has). Common text, at ~4 characters a token,
+    is shown over at the first or second size; sizes from `length` up are left out, as the
+    whole text would be tokenized anyway."""
+    most = min((limit + 1) * longest, length - 1)
+    sizes = []
+    size = (limit + 1) * 8
+    while size < most:
+        sizes.append(size)
+        size *= 4
+    return sizes + [most] if most == (limit + 1) * longest else sizes
+
+
 def tokenize_sft(
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[CompletionRecord | ConversationRecord],
@@ -120,34 +218,124 @@ def tokenize_sft(
     max_prompt_length: int,
     truncate: bool = False,
 ) -> list[TokenizedExample]:
-    """Tokenize SFT records; a prompt or sequence over its limit is a DataError naming the row."""
+    """Tokenize SFT records, row by row. A prompt over `max_prompt_length` or (without `truncate`)
+    a sequence over `max_length` tokens is a DataError naming the row and the field that is too
+    long (`prompt`, `completion`, or a conversation's `messages[i].content`), with the lengths and
+    the limit; a row far over its limit fails before it is tokenized whole (`over_limit`).
+    `truncate` cuts the end of a longer sequence (of the completion, or of the conversation) to
+    fit `max_length`; it never cuts a prompt."""
+    limits = dict(
+        longest=longest_token_chars(tokenizer),
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncate=truncate,
+    )
     examples = []
     for index, record in enumerate(records):
-        row = record.row or index + 1
+        fail = partial(DataError, source, record.row or index + 1)
         if isinstance(record, ConversationRecord):
-            example = conversation_example(tokenizer, record.messages)
-            first_target = example.loss_mask.index(True) if example.num_targets else 0
-            field, n_prompt = "messages", first_target
+            examples.append(_sft_conversation(tokenizer, record.messages, fail, **limits))
         else:
-            head, tail = completion_ids(tokenizer, record.prompt, record.completion, chat)
-            example = TokenizedExample(head + tail, [False] * len(head) + [True] * len(tail))
-            field, n_prompt = "prompt", len(head)
-        if n_prompt > max_prompt_length:
-            raise DataError(
-                source, row, field,
-                f"prompt is {n_prompt} tokens, longer than data.max_prompt_length={max_prompt_length}",
-            )  # fmt: skip
-        if len(example.input_ids) > max_length:
-            if not truncate:
-                raise DataError(
-                    source, row, field,
-                    f"sequence is {len(example.input_ids)} tokens, longer than data.max_length="
-                    f"{max_length} (set data.truncate=true to cut it)",
-                )  # fmt: skip
-            example = TokenizedExample(
-                example.input_ids[:max_length], example.loss_mask[:max_length]
-            )
-        if example.num_targets == 0:
-            raise DataError(source, row, field, "no answer tokens left to train on")
-        examples.append(example)
+            examples.append(_sft_completion(tokenizer, record, chat, fail, **limits))
     return examples
+
+
+def _sft_completion(
+    tokenizer: PreTrainedTokenizerBase,
+    record: CompletionRecord,
+    chat: bool,
+    fail: Callable[[str, str], DataError],
+    *,
+    longest: int,
+    max_length: int,
+    max_prompt_length: int,
+    truncate: bool,
+) -> TokenizedExample:
+    prompt_limit = f"data.max_prompt_length={max_prompt_length}"
+    length_limit = f"data.max_length={max_length}"
+    cut_hint = " (set data.truncate=true to cut the completion)"
+    texts = prompt_texts(record.prompt)
+    if found := over_limit(tokenizer, texts, max_prompt_length, longest):
+        raise fail(found.field, found.problem("prompt", prompt_limit))
+    completion = record.completion
+    if truncate:
+        completion = clip(tokenizer, completion, max_length, longest)
+    elif found := over_limit(tokenizer, [*texts, ("completion", completion)], max_length, longest):
+        raise fail(found.field, found.problem("prompt + completion", length_limit, cut_hint))
+    head, tail = completion_ids(tokenizer, record.prompt, completion, chat)
+    if len(head) > max_prompt_length:
+        raise fail("prompt", f"prompt is {len(head)} tokens, longer than {prompt_limit}")
+    if len(head) + len(tail) > max_length and not truncate:
+        raise fail(
+            "completion",
+            f"prompt + completion is {len(head) + len(tail)} tokens (prompt {len(head)}, "
+            f"completion {len(tail)}), longer than {length_limit}{cut_hint}",
+        )
+    if len(head) >= max_length:
+        raise fail(
+            "prompt",
+            f"prompt is {len(head)} tokens, which leaves no completion tokens to train on "
+            f"within {length_limit}",
+        )
+    mask = [False] * len(head) + [True] * len(tail)
+    return TokenizedExample((head + tail)[:max_length], mask[:max_length])
+
+
+def _sft_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    fail: Callable[[str, str], DataError],
+    *,
+    longest: int,
+    max_length: int,
+    max_prompt_length: int,
+    truncate: bool,
+) -> TokenizedExample:
+    prompt_limit = f"data.max_prompt_length={max_prompt_length}"
+    length_limit = f"data.max_length={max_length}"
+    before_answer = "the messages before the first assistant turn"
+    cut_hint = " (set data.truncate=true to cut it)"
+    first_answer = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    texts = [(f"messages[{i}].content", m["content"]) for i, m in enumerate(messages)]
+    if found := over_limit(tokenizer, texts[:first_answer], max_prompt_length, longest):
+        raise fail(found.field, found.problem(before_answer, prompt_limit))
+    if truncate:  # the answers and what follows; the prompt was checked, and is never cut
+        messages = messages[:first_answer] + [
+            {**m, "content": clip(tokenizer, m["content"], max_length, longest)}
+            for m in messages[first_answer:]
+        ]
+    elif found := over_limit(tokenizer, texts, max_length, longest):
+        raise fail(found.field, found.problem("the conversation", length_limit, cut_hint))
+    example = conversation_example(tokenizer, messages)
+    n_prompt = example.loss_mask.index(True) if example.num_targets else len(example.input_ids)
+    if n_prompt > max_prompt_length:
+        raise fail(
+            _message_at(tokenizer, messages[:first_answer], max_prompt_length),
+            f"{before_answer} are {n_prompt} tokens, longer than {prompt_limit}",
+        )
+    if len(example.input_ids) > max_length and not truncate:
+        raise fail(
+            _message_at(tokenizer, messages, max_length),
+            f"the conversation is {len(example.input_ids)} tokens, longer than {length_limit}, "
+            f"and passes it in this message{cut_hint}",
+        )
+    if n_prompt >= max_length:
+        raise fail(
+            _message_at(tokenizer, messages[:first_answer], max_length - 1),
+            f"{before_answer} are {n_prompt} tokens, which leaves no answer tokens to train on "
+            f"within {length_limit}",
+        )
+    return TokenizedExample(example.input_ids[:max_length], example.loss_mask[:max_length])
+
+
+def _message_at(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], limit: int) -> str:
+    """The field of the message in which `messages`, rendered, pass `limit` tokens (the last one
+    when only the template's tokens after it do). It renders every prefix: for errors only."""
+    for k in range(len(messages)):
+        try:
+            rendered = _render(tokenizer, list(messages[: k + 1]), False)
+        except TemplateError:  # a template that refuses to render some prefixes
+            return "messages"
+        if len(_encode(tokenizer, rendered)) > limit:
+            return f"messages[{k}].content"
+    return f"messages[{len(messages) - 1}].content" if messages else "messages"

@@ -15,6 +15,7 @@ import pytest
 
 from posttrain.data.loading import detect_kind, load_records, read_rows
 from posttrain.data.records import DataError, parse_record
+from posttrain.data.splits import load_train_eval
 
 USER = {"role": "user", "content": "Hi"}
 BOT = {"role": "assistant", "content": "Hello"}
@@ -280,3 +281,103 @@ def test_data_error_survives_pickling() -> None:
         "expected a string, got int",
     )
     assert str(err) == "f.jsonl: row 3: field 'chosen': expected a string, got int"
+
+
+@pytest.mark.parametrize(
+    ("rows", "kinds", "problem"),
+    [
+        (
+            [{"prompt": "Hi"}],
+            ("completion", "conversation"),
+            "missing field 'completion'; this recipe reads {prompt, completion} or {messages} rows "
+            "(this row has prompt)",
+        ),
+        (
+            [{"prompt": "Hi", "completion": "Yo", "id": 1}],
+            ("preference",),
+            "missing fields 'chosen', 'rejected'; this recipe reads {prompt, chosen, rejected} "
+            "rows (this row has prompt, completion, id)",
+        ),
+        (
+            [{"prompt": "Hi", "completion": "Yo"}],
+            ("preference", "labeled"),
+            "missing field 'label'; this recipe reads {prompt, chosen, rejected} or "
+            "{prompt, completion, label} rows (this row has prompt, completion)",
+        ),
+        (
+            [{"prompt": "Hi", "completion": "Yo", "label": True}],
+            ("completion", "conversation"),
+            "rows look like 'labeled' records; this recipe reads {prompt, completion} or "
+            "{messages} rows",
+        ),
+    ],
+)
+def test_file_of_the_wrong_shape_names_the_missing_fields(
+    tmp_path: Path, rows: list[dict[str, Any]], kinds: tuple[str, ...], problem: str
+) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError) as caught:
+        load_train_eval(str(path), kinds=kinds)
+    assert str(caught.value) == f"{path}: row 1: {problem}"
+
+
+def test_later_row_missing_its_completion_names_the_field(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi", "completion": "Yo"}) + '\n{"prompt": "Hey"}\n')
+    with pytest.raises(DataError) as caught:
+        load_train_eval(str(path), kinds=("completion", "conversation"))
+    assert str(caught.value) == (
+        f"{path}: row 2: field 'completion': missing; a completion row needs prompt, completion "
+        "(this row has prompt)"
+    )
+
+
+def test_max_chars_refuses_a_long_text_as_it_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "p" * 100}, {"prompt": "q" * 101}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert len(load_records(path, "prompt", max_chars=101)) == 2
+    with pytest.raises(DataError) as caught:
+        load_records(path, "prompt", max_chars=100)
+    assert (
+        str(caught.value)
+        == f"{path}: row 2: field 'prompt': 101 characters, more than max_chars=100"
+    )
+    assert len(load_records(path, "prompt", limit=1, max_chars=100)) == 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "row", "field", "problem"),
+    [
+        (
+            "prompt",
+            {"prompt": [{"role": "system", "content": "s" * 60}, {"role": "user", "content": "u" * 50}]},
+            "prompt[1].content",
+            "prompt[0] to prompt[1] are 110 characters together, more than max_chars=100",
+        ),
+        ("completion", {"prompt": "Hi", "completion": "c" * 101}, "completion", "101 characters, more than max_chars=100"),
+        ("ranking", {"prompt": "Hi", "responses": ["a", "r" * 101]}, "responses[1]", "101 characters, more than max_chars=100"),
+        (
+            "conversation",
+            {"messages": [{"role": "user", "content": "u" * 99}, {"role": "assistant", "content": "ab"}]},
+            "messages[1].content",
+            "messages[0] to messages[1] are 101 characters together, more than max_chars=100",
+        ),
+    ],
+)  # fmt: skip
+def test_max_chars_names_the_text_that_passes_it(
+    tmp_path: Path, kind: str, row: dict[str, Any], field: str, problem: str
+) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError) as caught:
+        load_records(path, kind, max_chars=100)
+    assert str(caught.value) == f"{path}: row 1: field '{field}': {problem}"
+
+
+def test_max_chars_must_be_positive(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi"}) + "\n")
+    with pytest.raises(ValueError, match=r"max_chars must be a positive integer or None, got 0"):
+        load_records(path, "prompt", max_chars=0)
