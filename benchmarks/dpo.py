@@ -115,10 +115,10 @@ def posttrain_worker(spec: dict) -> dict:
             "model.dtype=float32", f"data.train={spec['train']}", f"data.eval={spec['eval']}",
             "data.chat_template=never", f"data.max_length={MAX_LENGTH}",
             f"data.max_prompt_length={MAX_LENGTH}", f"optim.lr={spec['lr']}",
-            "optim.schedule=cosine", f"train.max_steps={spec['steps']}",
+            "optim.schedule=cosine", f"run.max_steps={spec['steps']}",
             f"train.batch_size={spec['batch_size']}",
-            f"train.micro_batch_size={spec['micro_batch_size']}", f"train.seed={spec['seed']}",
-            f"train.out_dir={spec['out_dir']}", "train.resume=false", "train.progress=false",
+            f"train.micro_batch_size={spec['micro_batch_size']}", f"run.seed={spec['seed']}",
+            f"run.out_dir={spec['out_dir']}", "run.resume=false", "run.progress=false",
             f"reference.cache_dir={cache}",
         ]
     )  # fmt: skip

@@ -105,10 +105,10 @@ def posttrain_worker(spec: dict) -> dict:
             f"data.train={spec['prompts']}", "data.train_size=0", "data.eval_size=0",
             "data.chat_template=never", "rewards=[{name: exact_match}]",
             f"grpo.group_size={G}", f"grpo.prompts_per_step={PROMPTS}",
-            f"grpo.max_new_tokens={COMPLETION}", f"grpo.micro_batch_size={MICRO}",
+            f"sampling.max_new_tokens={COMPLETION}", f"grpo.micro_batch_size={MICRO}",
             f"grpo.beta={BETA}", f"optim.lr={LR}", f"run.max_steps={spec['steps']}",
             f"run.out_dir={spec['out_dir']}", "run.resume=false", "run.progress=false",
-            "run.log_samples=0", "run.eval_every=0",
+            "sampling.log_samples=0", "run.eval_every=0",
         ]
     )  # fmt: skip
     if code:
@@ -203,7 +203,7 @@ def bound_per_step(model_dir: Path, prompts: list[dict], completion_tokens: floa
         measure_linear_gflops,
         measure_optimizer_seconds,
     )
-    from posttrain.models.packed_attention import Group, PackedLayout
+    from posttrain.data.layout import Group, PackedLayout
 
     config = AutoConfig.from_pretrained(model_dir)
     shapes = linear_shapes(config)

@@ -103,9 +103,9 @@ def posttrain_worker(spec: dict) -> dict:
             "rm", f"model.path={spec['model']}", "model.dtype=float32",
             f"data.train={spec['train']}", f"data.eval={spec['eval']}",
             f"data.max_length={MAX_LENGTH}", f"optim.lr={spec['lr']}", "optim.schedule=cosine",
-            f"train.max_steps={spec['steps']}", f"train.batch_size={spec['rankings_per_step']}",
-            f"train.micro_batch_size={spec['rankings_per_step'] // 2}", "train.seed=0",
-            f"train.out_dir={spec['out_dir']}", "train.resume=false", "train.progress=false",
+            f"run.max_steps={spec['steps']}", f"train.batch_size={spec['rankings_per_step']}",
+            f"train.micro_batch_size={spec['rankings_per_step'] // 2}", "run.seed=0",
+            f"run.out_dir={spec['out_dir']}", "run.resume=false", "run.progress=false",
         ]
     )  # fmt: skip
     if code:

@@ -79,7 +79,7 @@ def measure_linear_gflops(
 
 def measure_attention_seconds(config, layout, *, backward: bool = True, repeats: int = 5) -> float:
     """Best seconds of one attention layer of a Llama-family `config` over a packed `layout`
-    (`posttrain.models.packed_attention.PackedLayout`), through posttrain's packed SDPA; with
+    (`posttrain.data.layout.PackedLayout`), through posttrain's packed SDPA; with
     the backward when `backward`."""
     from posttrain.models.packed_attention import packed_sdpa_forward
 

@@ -151,13 +151,13 @@ def posttrain_worker(spec: dict) -> dict:
             f"data.max_length={MAX_LENGTH}",
             f"optim.lr={spec['lr']}",
             "optim.schedule=cosine",
-            f"train.max_steps={spec['steps']}",
+            f"run.max_steps={spec['steps']}",
             f"train.batch_size={spec['batch_size']}",
             f"train.micro_batch_size={spec['micro_batch_size']}",
-            f"train.seed={spec['seed']}",
-            f"train.out_dir={spec['out_dir']}",
-            "train.resume=false",
-            "train.progress=false",
+            f"run.seed={spec['seed']}",
+            f"run.out_dir={spec['out_dir']}",
+            "run.resume=false",
+            "run.progress=false",
         ]
     )
     if code:

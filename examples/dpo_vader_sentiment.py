@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from posttrain.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
+from posttrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
 from posttrain.data.tokenize import prompt_ids
 from posttrain.models.loading import load_causal_lm, load_tokenizer
 from posttrain.models.tiny import save_tiny
@@ -100,13 +100,9 @@ def main() -> None:
             model=ModelConfig(path=str(base)),
             data=DataConfig(train=str(text_train), eval=str(text_eval), chat_template="never"),
             optim=OptimConfig(lr=3e-3, warmup_steps=30),
-            train=TrainConfig(
-                out_dir=str(out / "sft"),
-                max_steps=args.sft_steps,
-                batch_size=32,
-                micro_batch_size=32,
-                log_every=50,
-                resume=False,
+            train=TrainConfig(batch_size=32, micro_batch_size=32),
+            run=RunConfig(
+                out_dir=str(out / "sft"), max_steps=args.sft_steps, log_every=50, resume=False
             ),
         )  # fmt: skip
     )
@@ -139,11 +135,10 @@ def main() -> None:
                 chat_template="never",
             ),
             optim=OptimConfig(lr=args.lr, warmup_steps=10),
-            train=TrainConfig(
+            train=TrainConfig(batch_size=32, micro_batch_size=32),
+            run=RunConfig(
                 out_dir=str(out / "dpo"),
                 max_steps=args.dpo_steps,
-                batch_size=32,
-                micro_batch_size=32,
                 eval_every=max(args.dpo_steps // 5, 1),
                 log_every=10,
                 resume=False,

@@ -36,6 +36,11 @@ RECIPES: dict[str, tuple[str, str, str]] = {
         "GRPOConfig",
         "group-relative online RL with verifiable rewards: GRPO, Dr.GRPO, DAPO, RLOO, REINFORCE++",
     ),
+    "ppo": (
+        "posttrain.recipes.ppo",
+        "PPOConfig",
+        "RLHF with PPO: a reward model (or verifiers), a critic, per-token KL to the SFT policy",
+    ),
     "quickstart": (
         "posttrain.recipes.quickstart",
         "QuickstartConfig",
@@ -80,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: posttrain <command> [--config FILE] [--dry-run] [key=value ...]\n")
         print("commands:")
         for name, about in commands.items():
-            print(f"  {name:<12} {about}")
+            print(f"  {name:<14} {about}")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

@@ -11,10 +11,10 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -22,9 +22,11 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys fail, field docstrings are the help text."""
+    """Base of every config section: unknown keys fail, field docstrings are the help text.
+    A section's `renamed` maps keys it no longer has to the key that replaced them."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
+    renamed: ClassVar[dict[str, str]] = {}
 
 
 class LoraConfig(Section):
@@ -72,33 +74,46 @@ class OptimConfig(Section):
     """The schedule decays to lr * min_lr_ratio at the last step."""
 
 
-class TrainConfig(Section):
+class RunConfig(Section):
+    """Where a run writes and its cadence: the same keys with the same meaning in every recipe."""
+
     out_dir: str = "runs/run"
-    """Run directory: config, metrics.jsonl, checkpoints, final model."""
+    """Run directory: config.yaml, metrics.jsonl, checkpoints/, final/, summary.json."""
     seed: int = 0
-    """Seed for model init of new heads, data order, dropout and sampling."""
-    max_steps: int = 100
-    """Optimizer steps to train for."""
-    batch_size: int = 16
-    """Sequences per optimizer step, summed over all processes and accumulation micro-steps."""
-    micro_batch_size: int = 8
-    """Sequences per forward pass on one process; accumulation = batch_size / (micro_batch_size x processes)."""
+    """Seeds data order, new heads, dropout and sampling (a resumed run reads and samples the
+    same, since each step's draws derive from it)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to train: 'auto' picks cuda when available."""
-    log_every: int = 1
-    """Write a metrics line every this many steps."""
-    eval_every: int = 0
-    """Evaluate on held-out data every this many steps (0: only at the start and the end)."""
-    save_every: int = 0
-    """Write a resumable checkpoint every this many steps (0: never, only the final model)."""
-    keep_checkpoints: int = 2
+    """Where to run: 'auto' picks cuda when available."""
+    max_steps: int = Field(100, ge=0)
+    """Steps of the recipe's loop: optimizer steps (sft, rm, dpo), sampling-and-update steps
+    (grpo, ppo), rounds (iterative-dpo). Each step is one line of metrics.jsonl."""
+    log_every: int = Field(1, ge=1)
+    """Write a metrics line (and, online, sampled completions) every this many steps."""
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on held-out data every this many steps; always before the first and after the
+    last step (0: only then)."""
+    save_every: int = Field(0, ge=0)
+    """Write a resumable checkpoint every this many steps (0: never; only the final model)."""
+    keep_checkpoints: int = Field(2, ge=1)
     """How many most recent checkpoints to keep."""
     resume: bool = True
-    """Resume from the latest checkpoint in out_dir when there is one."""
+    """Resume from the latest checkpoint in out_dir when there is one (else start afresh,
+    replacing the metrics of an earlier run there)."""
+    progress: bool = True
+    """Progress bar (and, online, tables of sampled completions) on the terminal."""
     tensorboard: bool = False
     """Also write TensorBoard event files (needs the tensorboard package)."""
-    progress: bool = True
-    """Show a progress bar on the terminal."""
+
+
+class TrainConfig(Section):
+    """How many examples an offline step sees."""
+
+    batch_size: int = Field(16, ge=1)
+    """Examples per optimizer step (sequences; comparisons for rm and dpo), summed over all
+    processes and accumulation micro-steps."""
+    micro_batch_size: int = Field(8, ge=1)
+    """Examples per forward pass on one process; accumulation = batch_size / (micro_batch_size
+    x processes)."""
 
 
 class DataConfig(Section):
@@ -109,7 +124,8 @@ class DataConfig(Section):
     eval_fraction: float = 0.05
     """Fraction of train held out when no eval file is given."""
     max_length: int = 1024
-    """Longest tokenized sequence (prompt + completion); longer records fail unless truncate is set."""
+    """Longest tokenized sequence (prompt + completion); longer records fail unless truncate is
+    set. Capped at the model's context (`max_position_embeddings`)."""
     max_prompt_length: int = 512
     """Longest tokenized prompt; longer prompts are an error naming the row."""
     truncate: bool = False
@@ -120,6 +136,62 @@ class DataConfig(Section):
     """Padding-free batches: sequences concatenated into one row with reset position ids."""
     limit: int = 0
     """Read at most this many training records (0: all)."""
+
+
+class PromptDataConfig(Section):
+    """Prompts of the online recipes: a task's generated rows, or prompt files."""
+
+    task: str = ""
+    """A task of `posttrain.tasks` (e.g. 'arithmetic'): its rows are the prompts and carry the
+    fields its verifiers read; with `rewards` unset, the task's own verifiers score them.
+    Leave empty to read the `train` / `eval` files instead."""
+    task_options: dict[str, Any] = {}
+    """Keyword options of the task's generator."""
+    train: str = ""
+    """Prompt file (.jsonl, .json, .parquet, datasets dir): rows `{prompt, ...fields}`."""
+    eval: str = ""
+    """Held-out prompt file in the same form (with a task: its eval split)."""
+    train_size: int = Field(2000, ge=0)
+    """Training prompts: task rows generated, or the first rows of the file (0: all)."""
+    eval_size: int = Field(200, ge=0)
+    """Held-out prompts scored by the evaluator (0: no held-out evaluation)."""
+    max_prompt_length: int = Field(512, ge=1)
+    """Longest tokenized prompt; a longer one is an error naming its file and row. Capped so
+    that prompt + sampling.max_new_tokens fits the model's context."""
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """Render prompts with the tokenizer's chat template: 'auto' does so when it has one."""
+
+
+class SamplingConfig(Section):
+    """How the online recipes sample completions from the policy."""
+
+    engine: Literal["builtin"] = "builtin"
+    """The rollout engine (`posttrain.rollout.ENGINES`): 'builtin' is posttrain's sampler in
+    the training process (shared-prompt KV cache; it samples with the policy's live weights)."""
+    max_new_tokens: int = Field(256, ge=1)
+    """Longest completion; longer ones are cut (finish reason 'length': truncated)."""
+    temperature: float = Field(1.0, gt=0)
+    """Sampling temperature; training log-probs use the same one."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling (1: off)."""
+    top_k: int = Field(0, ge=0)
+    """Top-k truncation (0: off)."""
+    stop: list[str] = []
+    """Strings that end a completion."""
+    log_samples: int = Field(8, ge=0)
+    """Sampled completions written to samples.jsonl (and shown on the console with
+    run.progress) at each logged step."""
+
+
+class EvaluationConfig(Section):
+    """The held-out evaluation of the online recipes (`posttrain.eval.heldout`)."""
+
+    temperature: float = Field(0.0, ge=0)
+    """0: greedy decoding; above 0, sampled at this temperature."""
+    samples_per_prompt: int = Field(1, ge=1)
+    """Completions per held-out prompt (sampled evaluation; greedy gives the same one)."""
+    log_samples: int = Field(8, ge=0)
+    """Held-out completions written to eval_samples.jsonl at each evaluation."""
 
 
 def _type_name(annotation: Any) -> str:
@@ -148,6 +220,18 @@ def _field_at(model: type[BaseModel], path: tuple) -> tuple[type[BaseModel] | No
     return section, info.annotation if info else None
 
 
+def _sections_holding(model: type[BaseModel], key: str, exclude: tuple) -> list[str]:
+    """The top-level sections of `model` (other than `exclude`) with a field `key`: where a
+    key written in the wrong section, or under an older spelling, now lives."""
+    return [
+        f"'{name}.{key}'"
+        for name, info in model.model_fields.items()
+        if _is_section(info.annotation)
+        and (name,) != tuple(exclude)
+        and key in info.annotation.model_fields
+    ]
+
+
 def _describe(model: type[BaseModel], error: dict) -> str:
     path = tuple(p for p in error["loc"] if not isinstance(p, int))
     dotted = ".".join(str(p) for p in error["loc"])
@@ -156,6 +240,10 @@ def _describe(model: type[BaseModel], error: dict) -> str:
     if error["type"] == "extra_forbidden":
         section, _ = _field_at(model, path)
         names = list(section.model_fields) if section else []
+        if renamed := getattr(section, "renamed", {}).get(str(path[-1])):
+            return f"unknown key '{dotted}': it is '{renamed}' (set it there)"
+        if moved := _sections_holding(model, str(path[-1]), exclude=path[:-1]):
+            return f"unknown key '{dotted}': it is {' or '.join(moved)} (set it there)"
         close = difflib.get_close_matches(str(path[-1]), names, n=1, cutoff=0.5)
         hint = f"; did you mean '{'.'.join(map(str, path[:-1] + (close[0],)))}'?" if close else ""
         return f"unknown key '{dotted}'{hint} (valid keys here: {', '.join(names)})"

@@ -7,10 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from posttrain.models.packed_attention import enable_packed_attention
 from posttrain.models.tiny import save_tiny
 
 # Small enough that a training step takes milliseconds, big enough to learn a toy task.
 MICRO = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def packed_attention() -> None:
+    """Tests build models with `from_pretrained` directly, as a user loading their own model
+    would; such a user calls this once before a packed forward (posttrain's loaders do)."""
+    enable_packed_attention()
 
 
 @pytest.fixture(scope="session")

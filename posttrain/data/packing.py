@@ -1,9 +1,9 @@
 """Batches for training: padding-free packing, and a padded path for models that need it.
 
 Packed: the sequences of a micro-batch are concatenated into one row `(1, N)` with position ids
-restarting at 0 for each sequence, and a `PackedLayout` saying where each sequence lies; the
-attention in `posttrain.models.packed_attention` then attends within each sequence only, so no
-pad token is ever computed. `pack_shared` packs groups whose answers share one prompt: the
+restarting at 0 for each sequence, and a `PackedLayout` (`layout.py`) saying where each
+sequence lies; the attention in `posttrain.models.packed_attention` then attends within each
+sequence only, so no pad token is ever computed. `pack_shared` packs groups whose answers share one prompt: the
 prompt's tokens appear (and are computed) once per group.
 
 Padded: right-padded `(B, T)` rows with an attention mask, for models whose attention cannot
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.data.layout import Group, PackedLayout
 from posttrain.data.tokenize import TokenizedExample
-from posttrain.models.packed_attention import Group, PackedLayout, layout_mask
 
 IGNORE = -100
 
@@ -55,17 +55,6 @@ class Batch:
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: t.to(device, non_blocking=True) if torch.is_tensor(t) else t  # noqa: E731
         return Batch(*(move(getattr(self, f)) for f in self.__dataclass_fields__))
-
-    def model_inputs(self) -> dict:
-        """Keyword arguments for a Hugging Face model forward (causal LM or its backbone)."""
-        inputs = dict(input_ids=self.input_ids, position_ids=self.position_ids, use_cache=False)
-        if self.layout is not None:
-            inputs.update(
-                attention_mask=layout_mask(self.input_ids.device), packed_layout=self.layout
-            )
-        else:
-            inputs["attention_mask"] = self.attention_mask
-        return inputs
 
     def target_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed batches: `(K,)` indices of the target tokens in the row, and `(K,)` indices

@@ -42,21 +42,22 @@ from posttrain.losses.policy import (
     value_loss,
 )
 from posttrain.losses.preference import (
-    DPO_LOSSES,
+    PAIR_LOSSES,
     bradley_terry_loss,
     dpo_loss,
     hinge_loss,
     ipo_loss,
     kto_loss,
     orpo_loss,
+    pair_loss,
     robust_dpo_loss,
     simpo_loss,
 )
 
 __all__ = [
     "AGGREGATIONS",
-    "DPO_LOSSES",
     "KL_ESTIMATORS",
+    "PAIR_LOSSES",
     "AdaptiveKLController",
     "AggMode",
     "FixedKLController",
@@ -77,6 +78,7 @@ __all__ = [
     "masked_whiten",
     "orpo_loss",
     "pack",
+    "pair_loss",
     "ppo_policy_loss",
     "process_advantages",
     "reinforce_plus_plus_advantages",

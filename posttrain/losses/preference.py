@@ -172,14 +172,6 @@ def hinge_loss(
 
 
 # The pairwise losses that share dpo_loss's inputs, by the name a DPO config uses.
-DPO_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
-    "sigmoid": dpo_loss,
-    "robust": robust_dpo_loss,
-    "ipo": ipo_loss,
-    "hinge": hinge_loss,
-}
-
-
 def simpo_loss(
     chosen_avg_logps: Tensor,
     rejected_avg_logps: Tensor,
@@ -282,3 +274,50 @@ def kto_loss(
         "kl": z0,
     }
     return losses.mean(), metrics
+
+
+def _columns(x: Tensor) -> tuple[Tensor, Tensor]:
+    return x[:, 0], x[:, 1]
+
+
+def pair_loss(
+    loss: str,
+    logps: Tensor,
+    ref_logps: Tensor | None,
+    lengths: Tensor,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 1.0,
+    orpo_lambda: float = 0.1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The preference loss named `loss` (`PAIR_LOSSES`) of pairs given as columns (chosen,
+    rejected): summed policy log-probs `logps` `(B, 2)`, the reference's `ref_logps` `(B, 2)`
+    (None for the reference-free simpo and orpo) and answer lengths `lengths` `(B, 2)`.
+
+    IPO, SimPO and ORPO read per-token means (sum / length): IPO as TRL does after confirming
+    with its authors (trl DPOTrainer), SimPO and ORPO as their papers define them."""
+    try:
+        fn = PAIR_LOSSES[loss]
+    except KeyError:
+        raise ValueError(
+            f"unknown pair loss {loss!r}; expected one of {sorted(PAIR_LOSSES)}"
+        ) from None
+    options = dict(beta=beta, label_smoothing=label_smoothing, gamma=simpo_gamma, lam=orpo_lambda)
+    return fn(logps, ref_logps, lengths, **options)
+
+
+# name -> (logps (B, 2), ref_logps (B, 2) | None, lengths (B, 2), **options) -> (loss, metrics)
+PAIR_LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
+    "dpo": lambda p, r, n, beta, **_: dpo_loss(*_columns(p), *_columns(r), beta=beta),
+    "cdpo": lambda p, r, n, beta, label_smoothing, **_: dpo_loss(
+        *_columns(p), *_columns(r), beta=beta, label_smoothing=label_smoothing
+    ),
+    "robust": lambda p, r, n, beta, label_smoothing, **_: robust_dpo_loss(
+        *_columns(p), *_columns(r), beta=beta, label_smoothing=label_smoothing
+    ),
+    "ipo": lambda p, r, n, beta, **_: ipo_loss(*_columns(p / n), *_columns(r / n), beta=beta),
+    "hinge": lambda p, r, n, beta, **_: hinge_loss(*_columns(p), *_columns(r), beta=beta),
+    "simpo": lambda p, r, n, beta, gamma, **_: simpo_loss(*_columns(p / n), beta=beta, gamma=gamma),
+    "orpo": lambda p, r, n, lam, **_: orpo_loss(*_columns(p / n), lam=lam),
+}

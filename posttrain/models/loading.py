@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from posttrain.config import ModelConfig
+from posttrain.models.packed_attention import enable_packed_attention
 from posttrain.models.swiglu import use_lean_swiglu
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -18,8 +20,39 @@ def resolve_dtype(dtype: str) -> torch.dtype:
     return torch.float32 if dtype == "auto" else DTYPES[dtype]
 
 
-def load_tokenizer(path: str):
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def model_dir(path: str, key: str = "model.path") -> str:
+    """`path` if it is a Hugging Face model directory (it holds config.json); otherwise a
+    FileNotFoundError naming the config key `key`, before transformers sees the path."""
+    if not path:
+        raise FileNotFoundError(f"{key}: not set; expected a Hugging Face model directory")
+    if not (Path(path) / "config.json").is_file():
+        what = "no such directory" if not Path(path).exists() else "no config.json in it"
+        raise FileNotFoundError(f"{key}: {path!r} is not a Hugging Face model directory ({what})")
+    return path
+
+
+def context_length(path: str) -> int | None:
+    """The model's context (`max_position_embeddings` of its text config), None if unstated."""
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    return getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+
+
+def fit_to_context(length: int, path: str, key: str, reserve: int = 0) -> int:
+    """`length` capped so that it plus `reserve` tokens fits the model's context; an error
+    naming `key` when nothing fits."""
+    context = context_length(path)
+    if context is None:
+        return length
+    if context - reserve < 1:
+        raise ValueError(
+            f"{key}: the model's context (max_position_embeddings={context}) leaves no room "
+            f"beside {reserve} generated tokens"
+        )
+    return min(length, context - reserve)
+
+
+def load_tokenizer(path: str, key: str = "model.path"):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir(path, key), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -36,18 +69,36 @@ def load_causal_lm(
     lora_alpha: int = 32,
     lora_dropout: float = 0.0,
     lora_target_modules: list[str] | str = "all-linear",
+    key: str = "model.path",
 ) -> PreTrainedModel:
-    """A causal LM on `device`, with LoRA adapters when `lora_r > 0` (only they then train)."""
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model.path: no model directory at {path!r}")
+    """A causal LM on `device`, with LoRA adapters when `lora_r > 0` (only they then train).
+    `key`: the config key that named `path`, for the error when it is no model directory."""
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=resolve_dtype(dtype), attn_implementation=attn_implementation
-    ).to(device)
+        model_dir(path, key), dtype=resolve_dtype(dtype), attn_implementation=attn_implementation,
+        local_files_only=True,
+    ).to(device)  # fmt: skip
     model.config.use_cache = False
     return prepare_for_training(
         model, gradient_checkpointing=gradient_checkpointing, lora_r=lora_r,
         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_target_modules=lora_target_modules, task_type="CAUSAL_LM",
+    )  # fmt: skip
+
+
+def load_model(
+    m: ModelConfig, device: torch.device, *, trainable: bool = True, path: str | None = None
+) -> PreTrainedModel:
+    """The config's causal LM: trainable (gradient checkpointing and LoRA as configured), or a
+    frozen copy (a reference). `path` overrides `m.path` (e.g. a separate reference model)."""
+    lora = m.lora
+    if not trainable:
+        model = load_causal_lm(path or m.path, device, dtype=m.dtype,
+                               attn_implementation=m.attn_implementation)  # fmt: skip
+        return model.requires_grad_(False)
+    return load_causal_lm(
+        path or m.path, device, dtype=m.dtype, attn_implementation=m.attn_implementation,
+        gradient_checkpointing=m.gradient_checkpointing, lora_r=lora.r if lora.enabled else 0,
+        lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_target_modules=lora.target_modules,
     )  # fmt: skip
 
 
@@ -61,8 +112,10 @@ def prepare_for_training(
     lora_target_modules: list[str] | str,
     task_type: str,
 ) -> PreTrainedModel:
-    """Route SwiGLU MLPs through `swiglu` (half their saved activations), turn on gradient
-    checkpointing and wrap in LoRA adapters (`lora_r > 0`) as asked."""
+    """Attend packed batches with `packed_attention`, route SwiGLU MLPs through `swiglu` (half
+    their saved activations), turn on gradient checkpointing and wrap in LoRA adapters
+    (`lora_r > 0`) as asked."""
+    enable_packed_attention()
     use_lean_swiglu(model)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

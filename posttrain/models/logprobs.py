@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from posttrain.data.packing import IGNORE, Batch
-from posttrain.models.packed_attention import check_packed_support
+from posttrain.models.packed_attention import check_packed_support, model_inputs
 
 
 def target_logits(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,11 +24,11 @@ def target_logits(model: PreTrainedModel, batch: Batch) -> tuple[torch.Tensor, t
     if batch.packed:
         check_packed_support(model)
         targets, predictors = batch.target_positions()
-        logits = model(**batch.model_inputs(), logits_to_keep=predictors).logits[0]
+        logits = model(**model_inputs(batch), logits_to_keep=predictors).logits[0]
         return logits, batch.labels[0, targets]
     next_labels = batch.labels[:, 1:]
     is_target = next_labels != IGNORE
-    logits = model(**batch.model_inputs()).logits[:, :-1]
+    logits = model(**model_inputs(batch)).logits[:, :-1]
     return logits[is_target], next_labels[is_target]
 
 

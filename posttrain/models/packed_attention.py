@@ -17,7 +17,8 @@ the work grows with each branch's own length, not with all of them together: one
 over the group's keys did G times the needed work for G completions (measured 6.3x slower for 8
 completions of 256 tokens).
 
-How it plugs in: this module registers its function as transformers' "sdpa" attention. Called
+How it plugs in: `enable_packed_attention` (called when posttrain loads a model) registers its
+function as transformers' "sdpa" attention. Called
 without a layout it is exactly transformers' own `sdpa_attention_forward` (it delegates), so
 nothing changes for padded batches or generation. A packed batch passes `packed_layout=` to the
 model's forward, which transformers hands through to every attention call, and an empty 4-D
@@ -27,8 +28,7 @@ attention does not come through here fails on that mask instead of attending wro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
@@ -37,20 +37,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-
-@dataclass(frozen=True)
-class Group:
-    """A prefix of `prefix` tokens starting at `start`, followed by branches of the given lengths.
-
-    A plain sequence is a group with no branches (the prefix is the whole sequence)."""
-
-    start: int
-    prefix: int
-    branches: tuple[int, ...] = ()
-
-    @property
-    def length(self) -> int:
-        return self.prefix + sum(self.branches)
+from posttrain.data.layout import Group, PackedLayout
+from posttrain.data.packing import Batch
 
 
 @dataclass(frozen=True)
@@ -71,74 +59,17 @@ class _GroupPlan:
     mask: torch.Tensor | None = None
 
 
-@dataclass
-class PackedLayout:
-    """Where the sequences of a packed row lie and which tokens each may attend to."""
-
-    groups: tuple[Group, ...]
-    _plans: dict[torch.device, list[_GroupPlan]] = field(default_factory=dict, repr=False)
-
-    @classmethod
-    def sequences(cls, lengths: Sequence[int]) -> PackedLayout:
-        """Plain packing: independent sequences of the given lengths, one after another."""
-        starts = torch.tensor([0, *lengths]).cumsum(0).tolist()
-        return cls(tuple(Group(s, n) for s, n in zip(starts, lengths, strict=False)))
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(g.length for g in self.groups)
-
-    def position_ids(self) -> list[int]:
-        """Positions restart at 0 for each group; every branch continues from its prefix."""
-        positions: list[int] = []
-        for g in self.groups:
-            positions += range(g.prefix)
-            for n in g.branches:
-                positions += range(g.prefix, g.prefix + n)
-        return positions
-
-    def previous_index(self) -> torch.Tensor:
-        """`(N,)`: the index of the token each token follows in its own sequence, -1 at a start.
-
-        The first token of a branch follows the last token of its prefix; the logits there
-        predict it."""
-        prev = torch.arange(-1, self.num_tokens - 1)
-        for g in self.groups:
-            prev[g.start] = -1
-            offset = g.start + g.prefix
-            for n in g.branches:
-                prev[offset] = g.start + g.prefix - 1 if g.prefix else -1
-                offset += n
-        return prev
-
-    def sequence_ids(self) -> torch.Tensor:
-        """`(N,)`: which sequence each token belongs to, numbering a group's branches as its
-        sequences (its shared prefix tokens get -1) and a group without branches as one."""
-        ids = torch.full((self.num_tokens,), -1, dtype=torch.long)
-        seq = 0
-        for g in self.groups:
-            if not g.branches:
-                ids[g.start : g.start + g.prefix] = seq
-                seq += 1
-                continue
-            offset = g.start + g.prefix
-            for n in g.branches:
-                ids[offset : offset + n] = seq
-                offset += n
-                seq += 1
-        return ids
-
-    def plan(self, device: torch.device) -> list[_GroupPlan]:
-        """The SDPA calls of one attention layer, built once per device and reused by every
-        layer: a group with at most one branch is a single causal call; otherwise the prefix
-        is one causal call and the branches one batched call, masked so each branch sees the
-        prefix and its own past only."""
-        if device not in self._plans:
-            ends = list(accumulate(g.length for g in self.groups))
-            if [g.start for g in self.groups] != [0, *ends[:-1]]:
-                raise ValueError("a packed layout's groups must tile the row in order")
-            self._plans[device] = [_group_plan(g, device) for g in self.groups]
-        return self._plans[device]
+def layout_plan(layout: PackedLayout, device: torch.device) -> list[_GroupPlan]:
+    """The SDPA calls of one attention layer, built once per device and reused by every
+    layer: a group with at most one branch is a single causal call; otherwise the prefix
+    is one causal call and the branches one batched call, masked so each branch sees the
+    prefix and its own past only."""
+    if device not in layout.attention_plans:
+        ends = list(accumulate(g.length for g in layout.groups))
+        if [g.start for g in layout.groups] != [0, *ends[:-1]]:
+            raise ValueError("a packed layout's groups must tile the row in order")
+        layout.attention_plans[device] = [_group_plan(g, device) for g in layout.groups]
+    return layout.attention_plans[device]
 
 
 def _group_plan(g: Group, device: torch.device) -> _GroupPlan:
@@ -203,7 +134,7 @@ def packed_sdpa_forward(
 
     # Split, not slice: the backward of a split is one concatenation, while each slice's
     # backward writes a zero tensor the size of the whole row (~7% of a small-model DPO step).
-    plan = packed_layout.plan(query.device)
+    plan = layout_plan(packed_layout, query.device)
     lengths = [p.length for p in plan]
     outputs = []
     for p, q, k, v in zip(
@@ -238,6 +169,13 @@ def _attend_branches(p: _GroupPlan, q, k, v, attend) -> list[torch.Tensor]:
     return [attend(q0, k0, v0, None), branches] if p.prefix else [branches]
 
 
+def enable_packed_attention() -> None:
+    """Route transformers' "sdpa" attention through `packed_sdpa_forward` (idempotent).
+    `posttrain.models.loading` calls it when it loads a model; without a layout the function
+    is transformers' own, so models used elsewhere in the process see no change."""
+    AttentionInterface.register("sdpa", packed_sdpa_forward)
+
+
 def check_packed_support(model: torch.nn.Module) -> None:
     """Raise a clear error if `model` does not attend through this module (e.g. "eager")."""
     model = getattr(model, "module", model)  # DDP wraps the model
@@ -247,11 +185,21 @@ def check_packed_support(model: torch.nn.Module) -> None:
             f"packed batches need attn_implementation='sdpa', but the model uses "
             f"{implementation!r}; set model.attn_implementation=sdpa or data.packing=false"
         )
+    if AttentionInterface._global_mapping.get("sdpa") is not packed_sdpa_forward:
+        raise RuntimeError(
+            "packed batches need posttrain's attention: load the model with "
+            "posttrain.models.loading, or call posttrain.models.packed_attention."
+            "enable_packed_attention() first"
+        )
 
 
-def layout_mask(device: torch.device | str) -> torch.Tensor:
-    """The empty 4-D mask a packed forward passes, so transformers builds no mask of its own."""
-    return torch.empty(1, 1, 0, 0, dtype=torch.bool, device=device)
-
-
-AttentionInterface.register("sdpa", packed_sdpa_forward)
+def model_inputs(batch: Batch) -> dict:
+    """Keyword arguments of a Hugging Face forward (causal LM or its backbone) for `batch`.
+    A packed batch passes its layout, and an empty 4-D mask so transformers builds none."""
+    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    if batch.layout is not None:
+        empty = torch.empty(1, 1, 0, 0, dtype=torch.bool, device=batch.input_ids.device)
+        inputs.update(attention_mask=empty, packed_layout=batch.layout)
+    else:
+        inputs["attention_mask"] = batch.attention_mask
+    return inputs

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from posttrain.data.packing import Batch
+from posttrain.files import write_atomic
 from posttrain.models.logprobs import target_logprobs
-from posttrain.train.checkpoint import write_atomic
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: Batch, num_sequences: int) -> torch.Tensor:

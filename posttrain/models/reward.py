@@ -20,14 +20,13 @@ heads, `config.pad_token_id` is set so the plain forward finds the last real tok
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from posttrain.data.packing import Batch
-from posttrain.models.loading import prepare_for_training, resolve_dtype
-from posttrain.models.packed_attention import check_packed_support
+from posttrain.models.loading import model_dir, prepare_for_training, resolve_dtype
+from posttrain.models.packed_attention import check_packed_support, model_inputs
 
 
 def classifier_of(model: torch.nn.Module) -> PreTrainedModel:
@@ -71,12 +70,25 @@ class RewardModel(torch.nn.Module):
                 )
             check_packed_support(hf)
             backbone = getattr(hf, hf.base_model_prefix)
-            hidden = backbone(**batch.model_inputs()).last_hidden_state[0]  # (N, d)
+            hidden = backbone(**model_inputs(batch)).last_hidden_state[0]  # (N, d)
             return hf.score(hidden[last_index])  # (S, H)
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         return self.classifier(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra
         ).logits
+
+    def token_scores(self, batch: Batch) -> torch.Tensor:
+        """`(K, H)` scores at the K positions that predict a target token of a packed `batch`
+        (the same positions and order as `target_logits`): a critic's values V(s_t) of the
+        states before each completion token, with the score head on those K states only."""
+        hf = classifier_of(self.classifier)
+        if not (batch.packed and self.last_token):
+            raise ValueError("per-token scores need a packed batch and a decoder backbone")
+        check_packed_support(hf)
+        _, predictors = batch.target_positions()
+        backbone = getattr(hf, hf.base_model_prefix)
+        hidden = backbone(**model_inputs(batch)).last_hidden_state[0]  # (N, d)
+        return hf.score(hidden[predictors])
 
 
 def load_reward_model(
@@ -93,16 +105,15 @@ def load_reward_model(
     lora_alpha: int = 32,
     lora_dropout: float = 0.0,
     lora_target_modules: list[str] | str = "all-linear",
+    key: str = "model.path",
 ) -> RewardModel:
     """A sequence classifier with `len(heads)` outputs on `device`; the head is new (randomly
     initialized from the current seed) unless `path` already holds one of that size.
 
     With `lora_r > 0`, LoRA adapters train and so does the whole head (PEFT's `SEQ_CLS` task
     keeps `score` / `classifier` in `modules_to_save`)."""
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model.path: no model directory at {path!r}")
     model = AutoModelForSequenceClassification.from_pretrained(
-        path,
+        model_dir(path, key),
         num_labels=len(heads),
         id2label=dict(enumerate(heads)),
         label2id={name: i for i, name in enumerate(heads)},

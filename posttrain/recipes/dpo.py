@@ -36,7 +36,6 @@ Preference pairs given to KTO become one desirable and one undesirable completio
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from functools import partial
@@ -46,21 +45,19 @@ from typing import Literal
 import torch
 from pydantic import ValidationInfo, field_validator
 
-from posttrain.config import DataConfig, ModelConfig, OptimConfig, Section, TrainConfig, dump_config
+from posttrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, Section, TrainConfig
 from posttrain.data.pairs import PairBatch, PairExample, collate_pairs, tokenize_pairs
 from posttrain.data.records import DataError
 from posttrain.data.splits import load_train_eval
 from posttrain.data.tokenize import uses_chat_template
-from posttrain.losses.preference import (
-    dpo_loss,
-    hinge_loss,
-    ipo_loss,
-    kto_loss,
-    orpo_loss,
-    robust_dpo_loss,
-    simpo_loss,
+from posttrain.losses.preference import kto_loss, pair_loss
+from posttrain.models.loading import (
+    fit_to_context,
+    load_model,
+    load_tokenizer,
+    model_dir,
+    save_pretrained,
 )
-from posttrain.models.loading import load_causal_lm, load_tokenizer, save_pretrained
 from posttrain.models.reference import (
     Reference,
     directory_fingerprint,
@@ -72,8 +69,7 @@ from posttrain.models.reference import (
 )
 from posttrain.train.distributed import Dist
 from posttrain.train.learner import Learner, split_for_rank, step_indices
-from posttrain.train.metrics import MetricsLogger
-from posttrain.train.run import start_run
+from posttrain.train.run import Run, check_batch
 
 LossName = Literal["dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo", "kto"]
 REFERENCE_FREE = ("simpo", "orpo")
@@ -118,7 +114,9 @@ class DPOConfig(Section):
     optim: OptimConfig = OptimConfig(lr=1e-6)
     """Optimizer and learning-rate schedule."""
     train: TrainConfig = TrainConfig()
-    """Steps, batch sizes (in pairs), logging, checkpoints."""
+    """Batch sizes, in pairs (kto: labelled completions)."""
+    run: RunConfig = RunConfig(out_dir="runs/dpo")
+    """Output directory, seed, device, steps, logging, evaluation, checkpoints."""
 
     @field_validator("beta")
     @classmethod
@@ -140,7 +138,7 @@ class DPOConfig(Section):
         return eps
 
 
-# Losses: policy and reference log-probs (B, 2) -> (mean loss, mean metrics) ---------------
+# KTO's labelled completions: policy and reference log-probs (B, 2) -> (mean loss, metrics).
 
 
 def _kto(logps, ref, mb: PairBatch, c: DPOConfig):
@@ -162,32 +160,6 @@ def _kto(logps, ref, mb: PairBatch, c: DPOConfig):
     }
 
 
-def _cols(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x[:, 0], x[:, 1]
-
-
-# Each takes policy and reference summed log-probs (B, 2), the micro-batch and the config.
-LOSSES = {
-    "dpo": lambda p, r, mb, c: dpo_loss(*_cols(p), *_cols(r), beta=c.beta),
-    "cdpo": lambda p, r, mb, c: dpo_loss(
-        *_cols(p), *_cols(r), beta=c.beta, label_smoothing=c.label_smoothing
-    ),
-    "robust": lambda p, r, mb, c: robust_dpo_loss(
-        *_cols(p), *_cols(r), beta=c.beta, label_smoothing=c.label_smoothing
-    ),
-    # Per-token means, as TRL does after confirming with the IPO authors (trl DPOTrainer).
-    "ipo": lambda p, r, mb, c: ipo_loss(
-        *_cols(p / mb.lengths), *_cols(r / mb.lengths), beta=c.beta
-    ),
-    "hinge": lambda p, r, mb, c: hinge_loss(*_cols(p), *_cols(r), beta=c.beta),
-    "simpo": lambda p, r, mb, c: simpo_loss(
-        *_cols(p / mb.lengths), beta=c.beta, gamma=c.simpo_gamma
-    ),
-    "orpo": lambda p, r, mb, c: orpo_loss(*_cols(p / mb.lengths), lam=c.orpo_lambda),
-    "kto": _kto,
-}
-
-
 def preference_loss(
     model: torch.nn.Module, mb: PairBatch, *, cfg: DPOConfig, reference: Reference | None
 ) -> tuple[torch.Tensor, dict]:
@@ -198,7 +170,13 @@ def preference_loss(
     ref = mb.ref_logps
     if ref is None and reference is not None:
         ref = reference.sequence_logprobs(mb.batch, 2 * n).view(n, 2)
-    loss, metrics = LOSSES[cfg.loss](logps, ref, mb, cfg)
+    if cfg.loss == "kto":
+        loss, metrics = _kto(logps, ref, mb, cfg)
+    else:
+        loss, metrics = pair_loss(
+            cfg.loss, logps, ref, mb.lengths, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+            simpo_gamma=cfg.simpo_gamma, orpo_lambda=cfg.orpo_lambda,
+        )  # fmt: skip
     if cfg.loss != "kto":
         metrics["logps/chosen"], metrics["logps/rejected"] = logps.detach().mean(0)
     if cfg.rpo_alpha:
@@ -277,49 +255,46 @@ def evaluate(
 def run(cfg: DPOConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to `summary.json`."""
     t = cfg.train
-    dist, out = start_run(
-        t.out_dir, dump_config(cfg), device=t.device, seed=t.seed, batch_size=t.batch_size,
-        micro_batch_size=t.micro_batch_size,
-    )  # fmt: skip
+    run = Run(cfg.run, cfg)
+    dist = run.dist
+    check_batch(t, dist)
 
     tokenizer = load_tokenizer(cfg.model.path)
     chat = uses_chat_template(tokenizer, cfg.data.chat_template)
     kto = cfg.loss == "kto"
     train_records, eval_records = load_train_eval(
         cfg.data.train, cfg.data.eval, kinds=("preference", "labeled") if kto else ("preference",),
-        eval_fraction=cfg.data.eval_fraction, seed=t.seed, limit=cfg.data.limit,
+        eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, limit=cfg.data.limit,
     )  # fmt: skip
+    max_length = fit_to_context(cfg.data.max_length, cfg.model.path, "data.max_length")
     tok = partial(
-        tokenize_pairs, tokenizer, chat=chat, kto=kto, seed=t.seed, max_length=cfg.data.max_length,
-        max_prompt_length=cfg.data.max_prompt_length, truncate=cfg.data.truncate,
+        tokenize_pairs, tokenizer, chat=chat, kto=kto, seed=cfg.run.seed, max_length=max_length,
+        max_prompt_length=min(cfg.data.max_prompt_length, max_length), truncate=cfg.data.truncate,
     )  # fmt: skip
     train_set = tok(train_records, source=cfg.data.train)
     eval_set = tok(eval_records, source=cfg.data.eval or f"{cfg.data.train} (held out)")
     if kto and not ({e.desirable for e in train_set} == {True, False}):
         raise DataError(cfg.data.train, None, "label", "KTO needs desirable and undesirable rows")
 
-    m, lora = cfg.model, cfg.model.lora
-    load = partial(load_causal_lm, device=dist.device, dtype=m.dtype,
-                   attn_implementation=m.attn_implementation)  # fmt: skip
-    model = load(
-        m.path, gradient_checkpointing=m.gradient_checkpointing, lora_r=lora.r if lora.enabled else 0,
-        lora_alpha=lora.alpha, lora_dropout=lora.dropout, lora_target_modules=lora.target_modules,
-    )  # fmt: skip
-    learner = Learner(model, dist, total_steps=t.max_steps, **cfg.optim.model_dump())
+    m = cfg.model
+    model = load_model(m, dist.device)
+    learner = Learner(model, dist, total_steps=cfg.run.max_steps, **cfg.optim.model_dump())
     packed, pad_id = cfg.data.packing, tokenizer.pad_token_id
     batching = dict(micro_batch_size=t.micro_batch_size, packed=packed, pad_id=pad_id)
-    summary: dict = {"loss": cfg.loss, "train_pairs": len(train_set), "eval_pairs": len(eval_set)}
+    run.summary.update(loss=cfg.loss, train_pairs=len(train_set), eval_pairs=len(eval_set))
 
     # The reference, before any checkpoint is restored: it is the starting policy.
     reference, ref_logps = None, {"train": None, "eval": None}
-    summary["reference"] = {"mode": "none"}
+    run.summary["reference"] = {"mode": "none"}
     if cfg.loss not in REFERENCE_FREE:
         r = cfg.reference
         separate = None
         if r.model:
-            separate = load(r.model).requires_grad_(False)
-        elif not lora.enabled:
-            separate = model if r.mode == "cached" else load(m.path).requires_grad_(False)
+            separate = load_model(
+                m, dist.device, trainable=False, path=model_dir(r.model, "reference.model")
+            )
+        elif not m.lora.enabled:
+            separate = model if r.mode == "cached" else load_model(m, dist.device, trainable=False)
         reference = Reference(model, separate, autocast=learner.autocast)
         if r.mode == "cached":
             began = time.perf_counter()
@@ -334,33 +309,28 @@ def run(cfg: DPOConfig) -> dict:
                 {"train": train_set, "eval": eval_set}, reference, dist,
                 cache_file=cache_file, **batching,
             )  # fmt: skip
-            summary["reference"] = dict(
+            run.summary["reference"] = dict(
                 mode="cached", cache_file=str(cache_file), cache_hit=hit,
                 seconds=round(time.perf_counter() - began, 3),
             )  # fmt: skip
             reference = separate = None  # no longer needed: free the copy
         else:
-            summary["reference"] = {"mode": "online"}
+            run.summary["reference"] = {"mode": "online"}
     loss_fn = partial(preference_loss, cfg=cfg, reference=reference)
-
-    start = learner.resume(out) if t.resume else 0
-    logger = MetricsLogger(
-        out, enabled=dist.is_main, total_steps=t.max_steps, start_step=start,
-        progress=t.progress, tensorboard=t.tensorboard,
-    )  # fmt: skip
+    run.resume({"model": learner})
 
     def held_out() -> dict[str, float]:
+        if not eval_set:
+            return {}
         scores = evaluate(model, eval_set, ref_logps["eval"], dist, loss_fn, **batching)
         return {f"eval/{k}": v for k, v in scores.items()}
 
-    if start == 0 and eval_set:
-        summary["eval_before"] = held_out()
-        logger.log(0, summary["eval_before"])
+    run.begin(held_out)
     train_ref = ref_logps["train"]
-    for step in range(start, t.max_steps):
+    for step in run.steps():
         began = time.perf_counter()
         indices = step_indices(
-            step, num_examples=len(train_set), batch_size=t.batch_size, seed=t.seed
+            step, num_examples=len(train_set), batch_size=t.batch_size, seed=cfg.run.seed
         )
         micro_batches = []
         for part in split_for_rank(indices, t.micro_batch_size, dist):
@@ -374,23 +344,5 @@ def run(cfg: DPOConfig) -> dict:
         metrics["pairs_per_s"] = t.batch_size / seconds
         tokens = sum(mb.batch.num_tokens for mb in micro_batches)
         metrics["tokens_per_s"] = float(dist.all_reduce_sum(torch.tensor(float(tokens)))) / seconds
-        done = step + 1
-        if eval_set and t.eval_every and done % t.eval_every == 0 and done < t.max_steps:
-            metrics.update(held_out())
-        if done % t.log_every == 0 or "eval/loss" in metrics or done == t.max_steps:
-            logger.log(done, metrics)
-        else:
-            logger.advance(done)
-        if t.save_every and done % t.save_every == 0 and done < t.max_steps:
-            learner.save(out, done, keep=t.keep_checkpoints)
-        summary["train_last"] = metrics
-
-    if eval_set:
-        summary["eval_after"] = held_out()
-        logger.log(t.max_steps, summary["eval_after"])
-    logger.close()
-    if dist.is_main:
-        save_pretrained(model, tokenizer, out / "final")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    dist.barrier()
-    return summary
+        run.end_step(step + 1, metrics, held_out)
+    return run.finish(lambda out: save_pretrained(model, tokenizer, out))

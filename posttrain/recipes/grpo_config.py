@@ -11,7 +11,15 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from posttrain.config import ModelConfig, OptimConfig, Section
+from posttrain.config import (
+    EvaluationConfig,
+    ModelConfig,
+    OptimConfig,
+    PromptDataConfig,
+    RunConfig,
+    SamplingConfig,
+    Section,
+)
 from posttrain.losses import AggMode
 
 
@@ -44,39 +52,11 @@ ALGOS: dict[str, Algo] = {
 }
 
 
-class DataSection(Section):
-    task: str = ""
-    """A task of `posttrain.tasks` (e.g. 'arithmetic'): its rows are the prompts and carry the
-    fields its verifiers read. Leave empty to read the `train` / `eval` files instead."""
-    task_options: dict[str, Any] = {}
-    """Keyword options of the task's generator."""
-    train: str = ""
-    """Prompt file (.jsonl, .json, .parquet, datasets dir): rows `{prompt, ...fields}`."""
-    eval: str = ""
-    """Held-out prompt file in the same form (with a task: its eval split)."""
-    train_size: int = 2000
-    """Training prompts: task rows generated, or the first rows of the file (0: all)."""
-    eval_size: int = 200
-    """Held-out prompts scored by greedy decoding (0: no held-out evaluation)."""
-    chat_template: Literal["auto", "always", "never"] = "auto"
-    """Render prompts with the tokenizer's chat template: 'auto' does so when it has one."""
-
-
 class GRPOSection(Section):
     group_size: int = Field(8, ge=2)
     """G: completions sampled per prompt."""
     prompts_per_step: int = Field(8, ge=1)
     """Prompts per step: a step samples prompts_per_step x group_size completions."""
-    max_new_tokens: int = 256
-    """Longest completion; longer ones are cut (finish reason 'length': truncated)."""
-    temperature: float = 1.0
-    """Sampling temperature; training logprobs use the same one."""
-    top_p: float = 1.0
-    """Nucleus sampling (1: off)."""
-    top_k: int = 0
-    """Top-k truncation (0: off)."""
-    stop: list[str] = []
-    """Strings that end a completion."""
     epochs: int = Field(1, ge=1)
     """mu: passes over each step's completions; pi_old stays the sampling policy throughout."""
     minibatch_size: int = Field(0, ge=0)
@@ -107,8 +87,9 @@ class GRPOSection(Section):
     overlong_filter: bool = False
     """Mask truncated completions out of the loss."""
     overlong_buffer: float | None = Field(None, ge=0, lt=1)
-    """DAPO soft overlong penalty: completions longer than (1 - this) x max_new_tokens lose
-    reward linearly, down to -overlong_penalty at max_new_tokens (0: off)."""
+    """DAPO soft overlong penalty: completions longer than (1 - this) x
+    sampling.max_new_tokens lose reward linearly, down to -overlong_penalty at max_new_tokens
+    (0: off). It joins the rewards as the component 'overlong'."""
     overlong_penalty: float = 1.0
     """Largest overlong penalty."""
 
@@ -118,51 +99,29 @@ class GRPOSection(Section):
         return self.model_copy(update=defaults)
 
 
-class RunSection(Section):
-    out_dir: str = "runs/grpo"
-    """Run directory: config, metrics.jsonl, samples.jsonl, curves.png, checkpoints, final model."""
-    seed: int = 0
-    """Seeds the prompt order and the sampler (derived from the step, so resume is exact)."""
-    max_steps: int = 100
-    """Sampling-and-update steps."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where to run: 'auto' picks cuda when available."""
-    log_every: int = 1
-    """Write a metrics line (and samples) every this many steps."""
-    log_samples: int = 8
-    """Completions written to samples.jsonl (and shown on the console) per logged step."""
-    eval_every: int = 10
-    """Greedy held-out accuracy every this many steps (and before and after training)."""
-    save_every: int = 0
-    """Resumable checkpoint every this many steps (0: never)."""
-    keep_checkpoints: int = 2
-    """How many most recent checkpoints to keep."""
-    resume: bool = True
-    """Resume from the latest checkpoint in out_dir when there is one."""
-    progress: bool = True
-    """Progress bar and sample tables on the terminal."""
-    tensorboard: bool = False
-    """Also write TensorBoard event files."""
-
-
 class GRPOConfig(Section):
     algo: Literal["grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp"] = "grpo"
     """Whose defaults fill the `grpo.*` keys left unset (see docs/grpo.md)."""
     model: ModelConfig = ModelConfig()
     """The policy; with beta > 0 also the reference (a frozen copy, or with LoRA the same model
     with its adapters disabled)."""
-    data: DataSection = DataSection()
+    data: PromptDataConfig = PromptDataConfig()
     """Prompts: a task, or prompt files."""
-    rewards: list[dict[str, Any]] = [{"name": "exact_match", "weight": 1.0}]
-    """Weighted reward functions `{name, weight, fallback, timeout_s, options}`, summed. The
-    first decides `accuracy`: a completion is correct when it scores at least 1 there."""
+    rewards: list[dict[str, Any]] | None = None
+    """Weighted reward functions `{name, weight, fallback, timeout_s, options}`, summed
+    (unset: the task's own verifiers). The first decides `accuracy`: a completion is correct
+    when it scores at least 1 there."""
+    sampling: SamplingConfig = SamplingConfig()
+    """The rollout engine and how completions are sampled."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """Held-out evaluation (greedy by default) every run.eval_every steps."""
     grpo: GRPOSection = GRPOSection()
     """Batch semantics: a step samples prompts_per_step x group_size completions;
     minibatch_size and micro_batch_size count completions (per optimizer step, per forward)."""
     optim: OptimConfig = OptimConfig(lr=1e-6)
     """AdamW; the schedule spans max_steps x epochs x minibatches optimizer steps."""
-    run: RunSection = RunSection()
-    """Steps, logging, evaluation, checkpoints."""
+    run: RunConfig = RunConfig(out_dir="runs/grpo", eval_every=10)
+    """Output directory, seed, device, steps (sampling steps), logging, evaluation, checkpoints."""
 
     @model_validator(mode="after")
     def _resolve_algo(self) -> GRPOConfig:

@@ -16,13 +16,16 @@ from typing import Literal
 from rich.console import Console
 from rich.table import Table
 
-from posttrain.config import DataConfig, ModelConfig, OptimConfig, Section, TrainConfig
+from posttrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, Section, TrainConfig
 from posttrain.data.loading import load_records
-from posttrain.eval.accuracy import greedy_accuracy
+from posttrain.data.prompts import Prompt, tokenize_prompts
+from posttrain.eval.heldout import evaluate_prompts
 from posttrain.models.loading import load_causal_lm, load_tokenizer
 from posttrain.models.tiny import save_tiny
 from posttrain.recipes import sft
-from posttrain.tasks import arithmetic
+from posttrain.rewards import build_composite
+from posttrain.rollout import HFSampler, SamplingParams
+from posttrain.tasks import TASKS, arithmetic
 from posttrain.train.distributed import pick_device
 
 
@@ -54,13 +57,13 @@ class QuickstartConfig(Section):
     """Seed for the model, the data and the run."""
 
 
-def _accuracy(model_dir: Path, records, device) -> float:
+def _accuracy(model_dir: Path, prompts: list[Prompt], reward, device) -> float:
+    """Held-out accuracy of greedy answers (the evaluator every online recipe uses)."""
     model = load_causal_lm(str(model_dir), device)
-    accuracy, _ = greedy_accuracy(
-        model, load_tokenizer(str(model_dir)), records, arithmetic.is_correct, chat=False,
-        max_new_tokens=32,  # a worked solution takes up to 23 tokens
-    )  # fmt: skip
-    return accuracy
+    sampler = HFSampler(model, load_tokenizer(str(model_dir)))
+    # A worked solution takes up to 23 tokens.
+    result = evaluate_prompts(sampler, prompts, reward, SamplingParams.greedy(32))
+    return result.metrics["eval/accuracy"]
 
 
 def run(cfg: QuickstartConfig) -> dict:
@@ -75,9 +78,14 @@ def run(cfg: QuickstartConfig) -> dict:
     )  # fmt: skip
     train_path = arithmetic.write_jsonl(train_rows, out / "data" / "train.jsonl")
     eval_path = arithmetic.write_jsonl(eval_rows, out / "data" / "eval.jsonl")
-    held_out = load_records(eval_path, "completion")
+    tokenizer = load_tokenizer(str(base))
+    held_out = tokenize_prompts(
+        tokenizer, load_records(eval_path, "prompt"), source=str(eval_path), chat=False,
+        max_length=64,
+    )  # fmt: skip
+    reward = build_composite(TASKS["arithmetic"].default_rewards({"worked": cfg.worked}))
     device = pick_device("auto")
-    accuracy_before = _accuracy(base, held_out, device)
+    accuracy_before = _accuracy(base, held_out, reward, device)
     console.print(
         f"built {cfg.size} {cfg.arch}; held-out accuracy before training: {accuracy_before:.1%}"
     )
@@ -87,22 +95,21 @@ def run(cfg: QuickstartConfig) -> dict:
             model=ModelConfig(path=str(base)),
             data=DataConfig(train=str(train_path), eval=str(eval_path), chat_template="never"),
             optim=OptimConfig(lr=cfg.lr, warmup_steps=50),
-            train=TrainConfig(
+            train=TrainConfig(batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size),
+            run=RunConfig(
                 out_dir=str(out / "sft"),
                 seed=cfg.seed,
                 max_steps=cfg.steps,
-                batch_size=cfg.batch_size,
-                micro_batch_size=cfg.batch_size,
                 eval_every=max(1, cfg.steps // 5),
                 log_every=10,
                 resume=False,
             ),
         )
     )
-    accuracy_after = _accuracy(out / "sft" / "final", held_out, device)
+    accuracy_after = _accuracy(out / "sft" / "final", held_out, reward, device)
     report = {
-        "eval_loss_before": summary["eval_loss_before"],
-        "eval_loss_after": summary["eval_loss_after"],
+        "eval_loss_before": summary["eval_before"]["eval/loss"],
+        "eval_loss_after": summary["eval_after"]["eval/loss"],
         "accuracy_before": accuracy_before,
         "accuracy_after": accuracy_after,
         "eval_examples": len(held_out),

@@ -31,13 +31,12 @@ confidence max(p, 1 - p) in [0.5, 1], with the reliability table in `summary.jso
 
 from __future__ import annotations
 
-import json
 import time
 
 import torch
 from pydantic import ValidationInfo, field_validator
 
-from posttrain.config import DataConfig, ModelConfig, OptimConfig, Section, TrainConfig, dump_config
+from posttrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, Section, TrainConfig
 from posttrain.data.reward import (
     Comparison,
     Layout,
@@ -49,12 +48,11 @@ from posttrain.data.reward import (
 from posttrain.data.splits import load_train_eval
 from posttrain.data.tokenize import uses_chat_template
 from posttrain.losses import bradley_terry_loss
-from posttrain.models.loading import load_tokenizer, save_pretrained
+from posttrain.models.loading import fit_to_context, load_tokenizer, save_pretrained
 from posttrain.models.reward import RewardModel, load_reward_model
 from posttrain.train.distributed import Dist
 from posttrain.train.learner import Learner, split_for_rank, step_indices
-from posttrain.train.metrics import MetricsLogger
-from posttrain.train.run import start_run
+from posttrain.train.run import Run, check_batch
 
 RESERVED_COLUMNS = {"prompt", "chosen", "rejected", "responses", "margin", "id"}
 
@@ -100,7 +98,9 @@ class RMConfig(Section):
     optim: OptimConfig = OptimConfig(lr=1e-5)
     """Optimizer and learning-rate schedule."""
     train: TrainConfig = TrainConfig()
-    """Steps, batch sizes (in comparisons), logging, checkpoints."""
+    """Batch sizes, in comparisons (a pair, or a ranking of K responses)."""
+    run: RunConfig = RunConfig(out_dir="runs/rm")
+    """Output directory, seed, device, steps, logging, evaluation, checkpoints."""
 
 
 def pair_loss(scores: torch.Tensor, rb: RewardBatch, center_coef: float) -> torch.Tensor:
@@ -213,15 +213,14 @@ def _eval_metrics(result: dict) -> dict:
 def run(cfg: RMConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to `summary.json`."""
     t, r = cfg.train, cfg.reward
-    dist, out = start_run(
-        t.out_dir, dump_config(cfg), device=t.device, seed=t.seed, batch_size=t.batch_size,
-        micro_batch_size=t.micro_batch_size,
-    )  # fmt: skip
+    run = Run(cfg.run, cfg)
+    dist = run.dist
+    check_batch(t, dist)
 
     # Read and validate the records first, so bad data fails before a model loads.
     train_records, eval_records = load_train_eval(
         cfg.data.train, cfg.data.eval, kinds=("preference", "ranking"),
-        eval_fraction=cfg.data.eval_fraction, seed=t.seed, limit=cfg.data.limit,
+        eval_fraction=cfg.data.eval_fraction, seed=cfg.run.seed, limit=cfg.data.limit,
     )  # fmt: skip
     heads = r.heads or ["reward"]
     weights = r.head_weights or [1 / len(heads)] * len(heads)
@@ -243,20 +242,17 @@ def run(cfg: RMConfig) -> dict:
     encoder = RewardEncoder(
         tokenizer, decoder=decoder, chat=uses_chat_template(tokenizer, cfg.data.chat_template)
     )
+    max_length = fit_to_context(cfg.data.max_length, cfg.model.path, "data.max_length")
     limits = dict(
-        heads=r.heads, max_length=cfg.data.max_length,
-        max_prompt_length=cfg.data.max_prompt_length, truncate=cfg.data.truncate,
+        heads=r.heads, max_length=max_length,
+        max_prompt_length=min(cfg.data.max_prompt_length, max_length), truncate=cfg.data.truncate,
     )  # fmt: skip
     train_set = tokenize_comparisons(encoder, train_records, source=cfg.data.train, **limits)
     eval_source = cfg.data.eval or f"{cfg.data.train} (held out)"
     eval_set = tokenize_comparisons(encoder, eval_records, source=eval_source, **limits)
 
-    learner = Learner(model, dist, total_steps=t.max_steps, **cfg.optim.model_dump())
-    start = learner.resume(out) if t.resume else 0
-    logger = MetricsLogger(
-        out, enabled=dist.is_main, total_steps=t.max_steps, start_step=start,
-        progress=t.progress, tensorboard=t.tensorboard,
-    )  # fmt: skip
+    learner = Learner(model, dist, total_steps=cfg.run.max_steps, **cfg.optim.model_dump())
+    run.resume({"model": learner})
     head_weights = torch.tensor(weights, device=dist.device)
     loss_kw = dict(head_weights=head_weights, center_coef=r.center_coef)
     eval_kw = dict(layout=layout, micro_batch_size=t.micro_batch_size, bins=r.calibration_bins)
@@ -264,24 +260,24 @@ def run(cfg: RMConfig) -> dict:
     def loss_fn(m: torch.nn.Module, rb: RewardBatch) -> tuple[torch.Tensor, dict]:
         return rm_loss(m, rb, **loss_kw)
 
-    def held_out() -> dict:
-        return evaluate(model, eval_set, encoder, dist, **eval_kw, **loss_kw)
+    reliability: dict = {}
 
-    summary: dict = {
-        "train_comparisons": len(train_set),
-        "train_pairs": sum(len(c.order) for c in train_set),
-        "eval_comparisons": len(eval_set),
-        "heads": heads,
-        "head_weights": weights,
-        "layout": layout,
-    }
-    if start == 0 and eval_set:
-        summary["eval_before"] = held_out()
-        logger.log(0, _eval_metrics(summary["eval_before"]))
-    for step in range(start, t.max_steps):
+    def held_out() -> dict:
+        if not eval_set:
+            return {}
+        result = evaluate(model, eval_set, encoder, dist, **eval_kw, **loss_kw)
+        reliability["table"] = result["reliability"]
+        return _eval_metrics(result)
+
+    run.summary.update(
+        train_comparisons=len(train_set), train_pairs=sum(len(c.order) for c in train_set),
+        eval_comparisons=len(eval_set), heads=heads, head_weights=weights, layout=layout,
+    )  # fmt: skip
+    run.begin(held_out)
+    for step in run.steps():
         began = time.perf_counter()
         indices = step_indices(
-            step, num_examples=len(train_set), batch_size=t.batch_size, seed=t.seed
+            step, num_examples=len(train_set), batch_size=t.batch_size, seed=cfg.run.seed
         )
         batches = [
             collate_comparisons([train_set[i] for i in part], encoder, layout).to(dist.device)
@@ -290,22 +286,7 @@ def run(cfg: RMConfig) -> dict:
         metrics = learner.step(batches, [b.num_comparisons for b in batches], loss_fn)
         pairs = dist.all_reduce_sum(torch.tensor(float(sum(len(b.order_better) for b in batches))))
         metrics["pairs_per_s"] = float(pairs) / (time.perf_counter() - began)
-        done = step + 1
-        if eval_set and t.eval_every and done % t.eval_every == 0 and done < t.max_steps:
-            metrics.update(_eval_metrics(held_out()))
-        if done % t.log_every == 0 or "eval/loss" in metrics or done == t.max_steps:
-            logger.log(done, metrics)
-        else:
-            logger.advance(done)
-        if t.save_every and done % t.save_every == 0 and done < t.max_steps:
-            learner.save(out, done, keep=t.keep_checkpoints)
-
-    if eval_set:
-        summary["eval_after"] = held_out()
-        logger.log(t.max_steps, _eval_metrics(summary["eval_after"]))
-    logger.close()
-    if dist.is_main:
-        save_pretrained(model.classifier, tokenizer, out / "final")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    dist.barrier()
-    return summary
+        run.end_step(step + 1, metrics, held_out)
+    if "table" in reliability:
+        run.summary["reliability"] = reliability["table"]
+    return run.finish(lambda out: save_pretrained(model.classifier, tokenizer, out))

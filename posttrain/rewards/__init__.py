@@ -2,6 +2,7 @@
 
     REWARDS[name](**options) -> a reward function (see posttrain/rewards/base.py)
     build_reward("math", timeout_s=5.0)
+    build_reward("my_package.rewards:brevity")   # any callable with the reward signature
     build_composite([{"name": "math", "weight": 1.0}, {"name": "format", "weight": 0.1}])
 
 Each factory imports its module when called, so that importing this package stays cheap and
@@ -11,6 +12,7 @@ a reward whose optional dependency is missing fails only when it is asked for.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -49,6 +51,12 @@ def _exact_match(**options: Any) -> RewardFunction:
     from posttrain.rewards.text_match import ExactMatchReward
 
     return ExactMatchReward(**options)
+
+
+def _digit_match(**options: Any) -> RewardFunction:
+    from posttrain.rewards.text_match import DigitMatchReward
+
+    return DigitMatchReward(**options)
 
 
 def _regex(**options: Any) -> RewardFunction:
@@ -104,6 +112,7 @@ REWARDS: dict[str, Callable[..., RewardFunction]] = {
     "ifeval": _ifeval,  # IFEval checkers; fields `instruction_id_list`, `kwargs`
     "reasoning_gym": _reasoning_gym,  # the task's score_answer; field `reasoning_gym` or `entry`
     "exact_match": _exact_match,  # extracted answer == field `answer`
+    "digit_match": _digit_match,  # partial credit: digits agreeing with field `answer`
     "regex": _regex,  # option `pattern` matches the completion
     "format": _format,  # <think>...</think><answer>...</answer>
     "length": _length,  # closeness to a target length
@@ -119,7 +128,8 @@ class RewardSpec(Section):
     """One reward of a composite, as written in a config's `rewards:` list."""
 
     name: str
-    """Registry name of the reward: one of posttrain.rewards.REWARDS."""
+    """Registry name of the reward (one of posttrain.rewards.REWARDS), or an import path
+    `package.module:function` to any callable with the reward signature."""
     weight: float = 1.0
     """Its weight in the sum."""
     fallback: Fallback = "skip"
@@ -128,13 +138,23 @@ class RewardSpec(Section):
     timeout_s: float | None = 300.0
     """Wall-clock limit for one batch, in seconds; null for none."""
     label: str | None = None
-    """Its name in logs and metrics (default: `name`); needed when a reward appears twice."""
+    """Its name in logs and metrics (default: `name`, or an import path's attribute); needed
+    when a reward appears twice."""
     options: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments of the reward's constructor."""
 
 
-def build_reward(name: str, **options: Any) -> RewardFunction:
-    """The reward registered as `name`, built with `options`; errors name the reward."""
+def build_reward(name: str, /, **options: Any) -> RewardFunction:
+    """The reward registered as `name`, built with `options`; or, for an import path
+    `package.module:attribute`, that callable itself (with `options`: what calling it with them
+    returns). Errors name the reward."""
+    if ":" in name:
+        module, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as error:
+            raise ValueError(f"reward {name!r}: cannot import it: {error}") from error
+        return fn(**options) if options else fn
     if name not in REWARDS:
         close = difflib.get_close_matches(name, REWARDS, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -162,7 +182,7 @@ def build_composite(specs: Sequence[RewardSpec | dict[str, Any]]) -> CompositeRe
         except ValidationError as error:
             problems = "; ".join(_describe(e) for e in error.errors())
             raise ValueError(f"rewards[{i}]: {problems}") from error
-        label = spec.label or spec.name
+        label = spec.label or spec.name.rpartition(":")[2]  # an import path: its attribute
         fn = build_reward(spec.name, **spec.options)
         components.append(Component(label, fn, spec.weight, spec.fallback, spec.timeout_s))
     return CompositeReward(components)

@@ -25,6 +25,7 @@ from transformers import AutoModelForSequenceClassification
 from posttrain.data.reward import Comparison, RewardEncoder, collate_comparisons
 from posttrain.data.tokenize import uses_chat_template
 from posttrain.models.loading import load_tokenizer, resolve_dtype
+from posttrain.models.packed_attention import enable_packed_attention
 from posttrain.models.reward import RewardModel
 from posttrain.rewards.base import RewardOutput
 
@@ -71,6 +72,7 @@ class RewardModelScorer:
         )
         if classifier.config.pad_token_id is None:
             classifier.config.pad_token_id = tokenizer.pad_token_id
+        enable_packed_attention()
         self.model = RewardModel(classifier.to(self.device).eval())
         self.heads = self.model.heads
         saved = getattr(classifier.config, "reward_head_weights", None)

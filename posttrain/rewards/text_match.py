@@ -1,5 +1,5 @@
 """Rewards that compare text: exact match of the extracted answer against the field `answer`,
-a regex match, and the `<think>...</think><answer>...</answer>` format reward of DeepSeek-R1
+partial credit per digit, a regex match, and the `<think>...</think><answer>...</answer>` format reward of DeepSeek-R1
 (DeepSeek-AI 2025, arXiv:2501.12948, §2.2.2 "format rewards")."""
 
 from __future__ import annotations
@@ -47,6 +47,30 @@ class ExactMatchReward:
             scores.append(
                 float(answer is not None and self._normal(answer) == self._normal(str(gold)))
             )
+        return RewardOutput(scores)
+
+
+class DigitMatchReward:
+    """Partial credit for numeric answers: the fraction of character positions, aligned from
+    the right (units under units), where the completion agrees with the field `answer`, over
+    the longer of the two. `53` for `53` scores 1, `56` scores 0.5, `-55` for `-45` scores 2/3.
+    Denser than exact match, so fewer groups have rewards that all agree; use it beside
+    `exact_match`."""
+
+    def __init__(self, *, name: str = "digit_match") -> None:
+        self.name = name
+
+    def __call__(
+        self, prompts: Sequence[str], completions: Sequence[str], **fields: Sequence[Any]
+    ) -> RewardOutput:
+        if "answer" not in fields:
+            raise ValueError(f"reward {self.name!r}: needs the field 'answer'")
+        scores = []
+        for completion, gold in zip(completions, fields["answer"], strict=True):
+            got, want = completion.strip(), str(gold).strip()
+            width = max(len(got), len(want), 1)
+            same = sum(a == b for a, b in zip(got[::-1], want[::-1], strict=False))
+            scores.append(same / width)
         return RewardOutput(scores)
 
 

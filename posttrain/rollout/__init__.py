@@ -7,6 +7,8 @@ Public API (everything a recipe needs; nothing else in posttrain calls `model.ge
     SamplingParams.greedy(max_new_tokens=256, **fields) -> SamplingParams   # temperature 0
     Sampler                       protocol: generate(prompt_ids, params) -> RolloutBatch
     HFSampler(model, tokenizer=None, *, eos_token_ids=None, seed=0)   the built-in engine
+    build_sampler(sampling_config, policy, tokenizer, seed)   the engine a config names (ENGINES)
+    sampling_params(sampling_config, n=1, seed=None) -> SamplingParams
     RolloutBatch(prompt_ids, completions, prompt_tokens, generated_tokens,
                  prefill_seconds, decode_seconds)   .seconds, .tokens_per_second
     Completion(prompt_index, token_ids, logprobs, finish_reason, text)
@@ -17,7 +19,7 @@ what a learner recomputes from one forward pass over prompt + completion, so the
 pi_theta / pi_old starts at exactly 1 when the weights did not change.
 
 HFSampler runs any transformers causal LM on "sdpa" or "eager" attention (Llama, Qwen2 and
-Mistral through a lean forward, llama_forward.py; the rest through their own); it preallocates
+Mistral through a lean forward, models/llama_forward.py; the rest through their own); it preallocates
 the KV cache for len(prompts) * n rows at full length (see docs/sampler.md for memory and design).
 
 Example:
@@ -28,6 +30,7 @@ Example:
         prompt = batch.prompt_ids[c.prompt_index]
 """
 
+from posttrain.rollout.engines import ENGINES, build_sampler, sampling_params
 from posttrain.rollout.hf_sampler import HFSampler
 from posttrain.rollout.interface import (
     Completion,
@@ -38,10 +41,13 @@ from posttrain.rollout.interface import (
 )
 
 __all__ = [
+    "ENGINES",
     "Completion",
     "FinishReason",
     "HFSampler",
     "RolloutBatch",
     "Sampler",
     "SamplingParams",
+    "build_sampler",
+    "sampling_params",
 ]

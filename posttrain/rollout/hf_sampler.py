@@ -15,7 +15,7 @@ One `generate` call:
 
 Every forward (prefill and decode) of a Llama / Qwen2 / Mistral model on SDPA goes through
 `LlamaFamilyForward`, the same arithmetic without transformers' per-layer module plumbing; any
-other model, or one with LoRA layers or hooks, runs its own forward (`llama_forward.py`).
+other model, or one with LoRA layers or hooks, runs its own forward (`posttrain/models/llama_forward.py`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel
 
-from posttrain.rollout.attention import sampling_attention
+from posttrain.models.decode_attention import sampling_attention
+from posttrain.models.llama_forward import LlamaFamilyForward, unsupported_reason
 from posttrain.rollout.interface import Completion, FinishReason, RolloutBatch, SamplingParams
 from posttrain.rollout.kv_cache import RowCache
-from posttrain.rollout.llama_forward import LlamaFamilyForward, unsupported_reason
 from posttrain.rollout.sampling import choose_next_tokens
 from posttrain.rollout.stop import StopStrings
 
@@ -98,7 +98,7 @@ class HFSampler:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         was_training = self.model.training
         self.model.eval()
-        # Llama-family models run a lean forward (llama_forward.py); other models, and those it
+        # Llama-family models run a lean forward (models/llama_forward.py); other models, and those it
         # does not cover (LoRA-wrapped, hooked, eager attention...), their own forward.
         lean = None if unsupported_reason(self.model) else LlamaFamilyForward(self.model)
         try:

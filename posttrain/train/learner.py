@@ -1,7 +1,8 @@
 """The shared learner: one optimizer step from a list of micro-batches, for every recipe.
 
 Recipes own their loop and their loss; the learner owns what is the same everywhere: AdamW,
-the schedule, gradient accumulation, DDP, clipping, mixed precision and checkpoints.
+the schedule, gradient accumulation, DDP, clipping and mixed precision; `posttrain.train.run`
+saves and restores it with the run's checkpoints.
 
 Normalization is exact across accumulation and processes. A recipe's loss function returns a
 *sum* (over tokens, sequences or pairs) and each micro-batch comes with its *weight* (how many
@@ -14,13 +15,11 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from posttrain.train import checkpoint
 from posttrain.train.distributed import Dist
 from posttrain.train.schedule import lr_factor
 
@@ -140,30 +139,7 @@ class Learner:
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         return metrics
 
-    # Checkpoints -------------------------------------------------------------------------
-
-    def save(self, out_dir: Path, step: int, keep: int = 2, extra: dict | None = None) -> Path:
-        return checkpoint.save_checkpoint(
-            out_dir / "checkpoints",
-            step,
-            self.module,
-            self.optimizer,
-            self.scheduler,
-            self.dist,
-            extra=extra,
-            keep=keep,
-        )
-
-    def resume(self, out_dir: Path) -> int:
-        """Restore the latest complete checkpoint in `out_dir`; returns its step (0 if none)."""
-        root = out_dir / "checkpoints"
-        if self.dist.is_main:
-            checkpoint.remove_partial(root)
-        self.dist.barrier()
-        found = checkpoint.list_checkpoints(root)
-        if not found:
-            return 0
-        state = checkpoint.load_checkpoint(
-            found[-1], self.module, self.optimizer, self.scheduler, self.dist
-        )
-        return int(state["step"])
+    @property
+    def part(self) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any]:
+        """What a checkpoint saves of this learner: the module, its optimizer and scheduler."""
+        return self.module, self.optimizer, self.scheduler

@@ -49,13 +49,14 @@ class MetricsLogger:
             self._tb = SummaryWriter(str(out_dir / "tensorboard"))
 
     def _drop_lines_after(self, step: int) -> None:
-        """On resume, forget lines from steps the resumed run will redo."""
+        """On resume from a checkpoint at `step`, forget the lines of the steps the resumed run
+        redoes; a fresh start (`step` 0) forgets every line, step 0's evaluation included."""
         if not self.path.exists():
             return
         keep = [
             line
             for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
+            if step > 0 and line.strip() and json.loads(line).get("step", 0) <= step
         ]
         self.path.write_text("".join(line + "\n" for line in keep))
 

@@ -14,7 +14,7 @@ COLUMNS = ("prompt", "completion", "reward", "advantage", "correct", "finish")
 
 class SampleLog:
     """Appends rows `{"step", ...}` to `path`; on resume, first drops rows of steps after
-    `start_step` (the resumed run writes them again). With `console`, also prints each step's
+    `start_step` (the resumed run writes them again), on a fresh start (0) every row. With `console`, also prints each step's
     rows as a table (rich; above the progress bar)."""
 
     def __init__(self, path: Path, *, start_step: int, console: bool) -> None:
@@ -22,7 +22,7 @@ class SampleLog:
         self.console = Console() if console else None
         if path.exists():
             lines = [x for x in path.read_text().splitlines() if x.strip()]
-            keep = [x for x in lines if json.loads(x)["step"] <= start_step]
+            keep = [x for x in lines if start_step > 0 and json.loads(x)["step"] <= start_step]
             path.write_text("".join(x + "\n" for x in keep))
 
     def write(self, step: int, rows: list[dict]) -> None:

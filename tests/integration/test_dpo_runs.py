@@ -13,9 +13,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.cli import main as posttrain_main
-from posttrain.config import DataConfig, LoraConfig, ModelConfig, OptimConfig, TrainConfig
+from posttrain.config import (
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
+from posttrain.losses import PAIR_LOSSES
 from posttrain.models.tiny import save_tiny
-from posttrain.recipes.dpo import LOSSES, DPOConfig, ReferenceConfig, run
+from posttrain.recipes.dpo import DPOConfig, ReferenceConfig, run
 from posttrain.tasks.arithmetic import make_split
 from posttrain.train.metrics import read_metrics
 from tests.conftest import MICRO, write_jsonl
@@ -62,14 +70,14 @@ def labeled(pairs, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _config(model_dir: Path | None, data, out: Path, cache: Path | None, **kw) -> DPOConfig:
-    train = dict(out_dir=str(out), max_steps=4, batch_size=8, micro_batch_size=4,
-                 progress=False, resume=False)  # fmt: skip
-    train.update(kw.pop("train", {}))
+    steps = dict(out_dir=str(out), max_steps=4, progress=False, resume=False)
+    steps.update(kw.pop("run", {}))
     return DPOConfig(
         model=kw.pop("model", ModelConfig(path=str(model_dir))),
         data=DataConfig(train=str(data[0]), eval=str(data[1]), chat_template="never"),
         optim=OptimConfig(lr=kw.pop("lr", 3e-3)),
-        train=TrainConfig(**train),
+        train=TrainConfig(**kw.pop("train", dict(batch_size=8, micro_batch_size=4))),
+        run=RunConfig(**steps),
         reference=kw.pop("reference", ReferenceConfig(cache_dir=str(cache))),
         **kw,
     )
@@ -78,7 +86,7 @@ def _config(model_dir: Path | None, data, out: Path, cache: Path | None, **kw) -
 def test_held_out_implicit_reward_accuracy_rises(tiny_qwen2, pairs, tmp_path):
     cfg = _config(
         tiny_qwen2, pairs, tmp_path / "run", tmp_path / "cache",
-        train=dict(max_steps=40, batch_size=16, micro_batch_size=16, eval_every=10),
+        train=dict(batch_size=16, micro_batch_size=16), run=dict(max_steps=40, eval_every=10),
     )  # fmt: skip
     summary = run(cfg)
     evals = [m for m in read_metrics(tmp_path / "run") if "eval/loss" in m]
@@ -89,19 +97,19 @@ def test_held_out_implicit_reward_accuracy_rises(tiny_qwen2, pairs, tmp_path):
     assert after["eval/rewards/accuracy"] >= 0.75, after  # chance: 0.5
     assert after["eval/rewards/margin"] > 0.5
     assert after["eval/loss"] < before["eval/loss"] - 0.15
-    assert summary["train_last"]["rewards/accuracy"] >= 0.75
+    assert summary["last"]["rewards/accuracy"] >= 0.75
 
 
-@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("loss", sorted([*PAIR_LOSSES, "kto"]))
 def test_each_loss_runs_end_to_end_through_the_cli(loss, tiny_qwen2, pairs, labeled, tmp_path):
     data = labeled if loss == "kto" else pairs
     out, cache = tmp_path / "run", tmp_path / "cache"
     code = posttrain_main(
         [
             "dpo", f"loss={loss}", f"model.path={tiny_qwen2}", f"data.train={data[0]}",
-            f"data.eval={data[1]}", "data.chat_template=never", f"train.out_dir={out}",
-            "train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=4",
-            "train.progress=false", "optim.lr=3e-3", f"reference.cache_dir={cache}",
+            f"data.eval={data[1]}", "data.chat_template=never", f"run.out_dir={out}",
+            "run.max_steps=3", "train.batch_size=8", "train.micro_batch_size=4",
+            "run.progress=false", "optim.lr=3e-3", f"reference.cache_dir={cache}",
         ]
     )  # fmt: skip
     assert code == 0
@@ -109,7 +117,7 @@ def test_each_loss_runs_end_to_end_through_the_cli(loss, tiny_qwen2, pairs, labe
     keys = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
             "logps/chosen", "logps/rejected"]  # fmt: skip
     for key in keys:
-        assert math.isfinite(summary["train_last"][key]), key
+        assert math.isfinite(summary["last"][key]), key
         assert math.isfinite(summary["eval_after"][f"eval/{key}"]), key
     reference_free = loss in ("simpo", "orpo")
     assert summary["reference"]["mode"] == ("none" if reference_free else "cached")
@@ -154,7 +162,7 @@ def test_online_and_cached_references_train_identically(lora, tiny_qwen2, pairs,
     for mode in ("cached", "online"):
         ref = ReferenceConfig(mode=mode, cache_dir=str(tmp_path / "cache"))
         run(_config(None, pairs, tmp_path / mode, None, model=model, reference=ref,
-                    lr=1e-2, train=dict(max_steps=5)))  # fmt: skip
+                    lr=1e-2, run=dict(max_steps=5)))  # fmt: skip
         runs[mode] = [m for m in read_metrics(tmp_path / mode) if "loss" in m]
     assert len(runs["online"]) == 5
     for a, b in zip(runs["cached"], runs["online"], strict=True):

@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from posttrain.cli import main
 from posttrain.recipes import grpo, grpo_config
 from posttrain.rewards.base import RewardOutput
 from posttrain.train.metrics import read_metrics
@@ -42,12 +43,8 @@ def config(model: Path, prompts: Path, out: Path, **overrides) -> grpo_config.GR
             "chat_template": "never",
         },  # fmt: skip
         "rewards": [{"name": "tests.integration.test_grpo_runs:digit_fraction", "weight": 1.0}],
-        "grpo": {
-            "group_size": 4,
-            "prompts_per_step": 4,
-            "max_new_tokens": 6,
-            "micro_batch_size": 8,
-        },  # fmt: skip
+        "sampling": {"max_new_tokens": 6},
+        "grpo": {"group_size": 4, "prompts_per_step": 4, "micro_batch_size": 8},
         "optim": {"lr": 3e-3, "schedule": "constant"},
         "run": {"out_dir": str(out), "max_steps": 4, "eval_every": 0, "progress": False},
     }
@@ -98,7 +95,8 @@ def test_resume_is_exact(tiny_qwen2, prompts, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
     def without_times(records: list[dict]) -> list[dict]:
-        return [{k: v for k, v in m.items() if "time" not in k and "_s" not in k} for m in records]
+        timed = ("time", "_s", "seconds")
+        return [{k: v for k, v in m.items() if not any(t in k for t in timed)} for m in records]
 
     assert without_times(read_metrics(straight)) == without_times(read_metrics(resumed))
     assert (straight / "samples.jsonl").read_text() == (resumed / "samples.jsonl").read_text()
@@ -106,8 +104,8 @@ def test_resume_is_exact(tiny_qwen2, prompts, tmp_path):
 
 def test_beta_zero_loads_no_reference(tiny_qwen2, prompts, tmp_path, monkeypatch):
     loads = []
-    real = grpo.load_causal_lm
-    monkeypatch.setattr(grpo, "load_causal_lm", lambda *a, **k: loads.append(a[0]) or real(*a, **k))  # fmt: skip
+    real = grpo.load_model
+    monkeypatch.setattr(grpo, "load_model", lambda *a, **k: loads.append(a[0]) or real(*a, **k))  # fmt: skip
     summary = grpo.run(config(tiny_qwen2, prompts, tmp_path / "a", algo="dapo", run__max_steps=1))
     assert summary["reference"] == "none" and len(loads) == 1
     assert "kl" not in read_metrics(tmp_path / "a")[-1]
@@ -160,5 +158,23 @@ def test_grpo_raises_held_out_accuracy_of_a_briefly_sfted_model(worked_sums_star
                        eval=str(start / "data" / "eval.jsonl"))  # fmt: skip
     raw["run"].update(out_dir=str(tmp_path / "grpo"), max_steps=150, progress=False, save_every=0)
     summary = grpo.run(grpo_config.GRPOConfig.model_validate(raw))
-    before, after = summary["accuracy_before"], summary["accuracy_after"]
+    before, after = (summary[k]["eval/accuracy"] for k in ("eval_before", "eval_after"))
     assert after >= before + 0.10, f"held-out accuracy {before:.1%} -> {after:.1%}"
+
+
+def test_a_monstrous_prompt_row_is_refused_as_it_is_read(tiny_qwen2, tmp_path, capsys):
+    """A 3 MB prompt (the review's 50 MB grew past 11 GB) is an error naming its file, row and
+    field before any tokenizing of it; so is a prompt over data.max_prompt_length tokens."""
+    rows = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "9" * 3_000_000, "answer": "9"}]
+    path = write_jsonl(tmp_path / "huge.jsonl", rows)
+    args = ["grpo", f"model.path={tiny_qwen2}", f"data.train={path}", "data.chat_template=never",
+            "rewards=[{name: exact_match}]", f"run.out_dir={tmp_path / 'o'}"]  # fmt: skip
+    assert main(args) == 2
+    assert f"{path}: row 2: field 'prompt': 3000000 characters" in capsys.readouterr().err
+    rows[1]["prompt"] = "9" * 40
+    write_jsonl(path, rows)
+    assert main([*args, "data.max_prompt_length=20"]) == 2
+    assert (
+        f"{path}: row 2: field 'prompt': 40 tokens, over max_prompt_length=20"
+        in capsys.readouterr().err
+    )

@@ -29,11 +29,12 @@ def config(model: Path, prompts: Path, out: Path, rounds: int = 2, **iterate) ->
     return IterativeDPOConfig.model_validate({
         "data": {"train": str(prompts), "eval": str(prompts), "eval_size": 16, "chat_template": "never"},
         "rewards": [{"name": REWARD}],
-        "iterate": {"rounds": rounds, "prompts_per_round": 32, "samples_per_prompt": 4,
-                    "max_new_tokens": 6, "chosen_truncated": True, **iterate},
+        "sampling": {"max_new_tokens": 6},
+        "iterate": {"prompts_per_round": 32, "samples_per_prompt": 4, "chosen_truncated": True,
+                    **iterate},
         "dpo": {"model": {"path": str(model)}, "reference": {"cache_dir": str(out / "cache")},
-                "optim": {"lr": 3e-3}, "train": {"max_steps": 5, "batch_size": 8}},
-        "out_dir": str(out), "progress": False,
+                "optim": {"lr": 3e-3}, "train": {"batch_size": 8}, "run": {"max_steps": 5}},
+        "run": {"out_dir": str(out), "max_steps": rounds, "progress": False},
     })  # fmt: skip
 
 
@@ -59,7 +60,7 @@ def test_rounds_chain_and_learn(tiny_qwen2, prompts, tmp_path):
         share = lambda s: sum(c.isdigit() for c in s) / max(len(s), 1)  # noqa: E731
         assert all(share(p["chosen"]) > share(p["rejected"]) for p in pairs)
     # The policy learns what the verifier rewards: held-out greedy answers become all digits.
-    assert summary["eval_accuracy_before"] == 0.0
+    assert summary["eval_before"]["eval/accuracy"] == 0.0
     assert rounds[-1]["eval/accuracy"] >= 0.5, rounds
     assert rounds[1]["sample/reward"] > rounds[0]["sample/reward"]
     # DPO's held-out implicit-reward accuracy rose in each round.
@@ -125,8 +126,7 @@ def test_iterative_dpo_raises_held_out_accuracy_of_a_briefly_sfted_model(
     raw["dpo"]["reference"]["cache_dir"] = str(tmp_path / "cache")
     raw["data"].update(train=str(start / "data" / "train.jsonl"),
                        eval=str(start / "data" / "eval.jsonl"))  # fmt: skip
-    raw["iterate"]["rounds"] = 2
-    raw.update(out_dir=str(tmp_path / "run"), progress=False)
+    raw["run"].update(max_steps=2, out_dir=str(tmp_path / "run"), progress=False)
     summary = run(IterativeDPOConfig.model_validate(raw))
-    before, after = summary["eval_accuracy_before"], summary["rounds"][-1]["eval/accuracy"]
+    before, after = summary["eval_before"]["eval/accuracy"], summary["rounds"][-1]["eval/accuracy"]
     assert after >= before + 0.12, f"held-out accuracy {before:.1%} -> {after:.1%}"

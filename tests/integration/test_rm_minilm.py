@@ -64,15 +64,15 @@ def test_minilm_learns_vader_sentiment_to_held_out_accuracy_0_85(tmp_path):
         f"data.eval={write_jsonl(tmp_path / 'eval.jsonl', held_out)}",
         "data.max_length=96", "data.max_prompt_length=24", "data.truncate=true",
         "optim.lr=1e-4", "optim.warmup_steps=5", "optim.min_lr_ratio=0.1",
-        "train.max_steps=100", "train.batch_size=16", "train.micro_batch_size=16",
-        "train.log_every=10",
-        f"train.out_dir={tmp_path / 'rm'}", "train.progress=false",
+        "run.max_steps=100", "train.batch_size=16", "train.micro_batch_size=16",
+        "run.log_every=10",
+        f"run.out_dir={tmp_path / 'rm'}", "run.progress=false",
     ]  # fmt: skip
     summary = run(load_config(RMConfig, None, args))
     before, after = summary["eval_before"], summary["eval_after"]
     print(
-        f"{len(train)} train / {len(held_out)} held-out pairs; accuracy {before['accuracy']:.3f}"
-        f" -> {after['accuracy']:.3f}, ECE {after['ece']:.3f}, margin {after['mean_margin']:.2f}"
+        f"{len(train)} train / {len(held_out)} held-out pairs; accuracy {before['eval/accuracy']:.3f}"
+        f" -> {after['eval/accuracy']:.3f}, ECE {after['eval/ece']:.3f}, margin {after['eval/mean_margin']:.2f}"
     )
     assert summary["layout"] == "padded"
-    assert after["accuracy"] >= 0.85
+    assert after["eval/accuracy"] >= 0.85

@@ -60,7 +60,7 @@ def letter_data(tmp_path_factory) -> tuple[Path, Path]:
 def _args(model: Path, data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     return [
         f"model.path={model}", f"data.train={data[0]}", f"data.eval={data[1]}",
-        f"train.out_dir={out}", "train.progress=false", "train.batch_size=16",
+        f"run.out_dir={out}", "run.progress=false", "train.batch_size=16",
         "train.micro_batch_size=8", "optim.lr=3e-3", *extra,
     ]  # fmt: skip
 
@@ -70,12 +70,14 @@ def test_hidden_rule_is_learned_and_the_saved_model_scores_as_in_training(
 ):
     out = tmp_path / "rm"
     summary = run(
-        load_config(RMConfig, None, _args(tiny_qwen2, letter_data, out, "train.max_steps=60"))
+        load_config(RMConfig, None, _args(tiny_qwen2, letter_data, out, "run.max_steps=60"))
     )
     after = summary["eval_after"]
-    print("held-out accuracy", summary["eval_before"]["accuracy"], "->", after["accuracy"])
-    assert after["accuracy"] >= 0.9
-    assert after["loss"] < 0.5 * summary["eval_before"]["loss"]
+    print(
+        "held-out accuracy", summary["eval_before"]["eval/accuracy"], "->", after["eval/accuracy"]
+    )
+    assert after["eval/accuracy"] >= 0.9
+    assert after["eval/loss"] < 0.5 * summary["eval_before"]["eval/loss"]
     assert summary["train_pairs"] == 6 * 300  # each K=4 ranking is 6 pairs
 
     # The plain Hugging Face model from final/ reproduces every evaluation number by hand.
@@ -94,15 +96,15 @@ def test_hidden_rule_is_learned_and_the_saved_model_scores_as_in_training(
                 for r in c.response_ids
             )
             margins.append(chosen - rejected)
-    assert after["accuracy"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
-    assert after["mean_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
+    assert after["eval/accuracy"] == pytest.approx(sum(m > 0 for m in margins) / len(margins))
+    assert after["eval/mean_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
     bins = [[] for _ in range(10)]
     for m in margins:
         confidence = 1 / (1 + math.exp(-abs(m)))
         bins[min(int((confidence - 0.5) * 20), 9)].append((confidence, m > 0))
     ece = sum(abs(sum(c for c, _ in b) - sum(ok for _, ok in b)) for b in bins) / len(margins)
-    assert after["ece"] == pytest.approx(ece, abs=1e-4)
-    assert [row["pairs"] for row in after["reliability"]] == [len(b) for b in bins]
+    assert after["eval/ece"] == pytest.approx(ece, abs=1e-4)
+    assert [row["pairs"] for row in summary["reliability"]] == [len(b) for b in bins]
     scorer = RewardModelScorer(str(out / "final"), device="cpu")
     prompts = [PROMPT] * 4
     records = load_records(letter_data[1], "preference")[:2]
@@ -110,7 +112,7 @@ def test_hidden_rule_is_learned_and_the_saved_model_scores_as_in_training(
     scores = scorer(prompts, completions).scores
     assert scores[0] - scores[1] == pytest.approx(margins[0], abs=1e-4)
     assert scores[2] - scores[3] == pytest.approx(margins[1], abs=1e-4)
-    assert json.loads((out / "summary.json").read_text())["eval_after"]["accuracy"] >= 0.9
+    assert json.loads((out / "summary.json").read_text())["eval_after"]["eval/accuracy"] >= 0.9
 
 
 def test_two_heads_learn_two_rules_from_their_columns(tiny_qwen2, tmp_path):
@@ -124,12 +126,12 @@ def test_two_heads_learn_two_rules_from_their_columns(tiny_qwen2, tmp_path):
         })  # fmt: skip
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "heads"
-    args = _args(tiny_qwen2, (data, ""), out, "train.max_steps=80", "data.eval_fraction=0.25")
+    args = _args(tiny_qwen2, (data, ""), out, "run.max_steps=80", "data.eval_fraction=0.25")
     args += ["reward.heads=[more_a, few_b]", "reward.head_weights=[1.0, 0.0]"]
     summary = run(load_config(RMConfig, None, args))
     after = summary["eval_after"]
-    print("per-head held-out accuracy", after["accuracy/more_a"], after["accuracy/few_b"])
-    assert after["accuracy/more_a"] >= 0.9 and after["accuracy/few_b"] >= 0.85
+    print("per-head held-out accuracy", after["eval/accuracy/more_a"], after["eval/accuracy/few_b"])
+    assert after["eval/accuracy/more_a"] >= 0.9 and after["eval/accuracy/few_b"] >= 0.85
     scorer = RewardModelScorer(str(out / "final"), device="cpu")
     assert scorer.heads == ["more_a", "few_b"]
     output = scorer([PROMPT] * 2, ["bbbbbbbb", "aaaaaaaa"])
@@ -141,14 +143,14 @@ def test_lora_trains_adapters_and_the_head_and_saves_a_merged_model(
     tiny_qwen2, letter_data, tmp_path
 ):
     out = tmp_path / "lora"
-    args = _args(tiny_qwen2, letter_data, out, "train.max_steps=4", "model.lora.enabled=true")
+    args = _args(tiny_qwen2, letter_data, out, "run.max_steps=4", "model.lora.enabled=true")
     summary = run(load_config(RMConfig, None, [*args, "model.lora.r=4", "optim.lr=1e-2"]))
     merged = AutoModelForSequenceClassification.from_pretrained(out / "final").state_dict()
     base = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2).state_dict()
     assert not any("lora" in k or "modules_to_save" in k for k in merged)
     changed = {k for k, v in merged.items() if not torch.equal(v, base[k])}
     assert "score.weight" in changed and all("proj" in k or k == "score.weight" for k in changed)
-    assert summary["eval_after"]["pairs"] == 200
+    assert summary["eval_after"]["eval/pairs"] == 200
 
 
 def _command(model: Path, data: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
@@ -156,7 +158,7 @@ def _command(model: Path, data: tuple[Path, Path], out: Path, *extra: str) -> li
 
 
 def test_resume_after_sigkill_is_exact(tiny_qwen2, letter_data, tmp_path):
-    steps = ["train.max_steps=10", "train.save_every=1", "train.keep_checkpoints=2"]
+    steps = ["run.max_steps=10", "run.save_every=1", "run.keep_checkpoints=2"]
     straight = tmp_path / "straight"
     subprocess.run(_command(tiny_qwen2, letter_data, straight, *steps), env=ENV, check=True)
     killed = tmp_path / "killed"
@@ -188,7 +190,7 @@ def test_bad_ranking_is_one_clear_line_not_a_traceback(tiny_qwen2, tmp_path):
     )
     result = subprocess.run(
         [sys.executable, "-m", "posttrain.cli", "rm", f"model.path={tiny_qwen2}",
-         f"data.train={bad}", f"train.out_dir={tmp_path / 'o'}"],
+         f"data.train={bad}", f"run.out_dir={tmp_path / 'o'}"],
         env=ENV, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -34,7 +35,7 @@ def sft_command(model: Path, data: tuple[Path, Path], out: Path, *extra: str) ->
     return [
         sys.executable, "-m", "posttrain.cli", "sft",
         f"model.path={model}", f"data.train={data[0]}", f"data.eval={data[1]}",
-        "data.chat_template=never", f"train.out_dir={out}", "train.progress=false",
+        "data.chat_template=never", f"run.out_dir={out}", "run.progress=false",
         "train.batch_size=8", "train.micro_batch_size=4", "optim.lr=3e-3", *extra,
     ]  # fmt: skip
 
@@ -44,7 +45,7 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_after_sigkill_is_exact(tiny_qwen2, arithmetic, tmp_path):
-    steps = ["train.max_steps=14", "train.save_every=1", "train.keep_checkpoints=2"]
+    steps = ["run.max_steps=14", "run.save_every=1", "run.keep_checkpoints=2"]
     straight = tmp_path / "straight"
     subprocess.run(sft_command(tiny_qwen2, arithmetic, straight, *steps), env=ENV, check=True)
 
@@ -62,7 +63,7 @@ def test_resume_after_sigkill_is_exact(tiny_qwen2, arithmetic, tmp_path):
     proc.wait()
     assert not (killed / "final").exists(), "the run finished before it could be killed"
     for ckpt in checkpoints.glob("step-*"):  # every complete-named checkpoint is whole
-        assert {"trainable.safetensors", "optimizer.pt", "state.json", "rng-rank0.pt"} <= {
+        assert {"model.safetensors", "model-optimizer.pt", "state.json", "rng-rank0.pt"} <= {
             f.name for f in ckpt.iterdir()
         }
     subprocess.run(sft_command(tiny_qwen2, arithmetic, killed, *steps), env=ENV, check=True)
@@ -79,7 +80,7 @@ def test_resume_after_sigkill_is_exact(tiny_qwen2, arithmetic, tmp_path):
 
 def test_ddp_two_processes_match_one_with_double_accumulation(tiny_qwen2, arithmetic, tmp_path):
     # Adam's eps above rounding noise, so summation order cannot flip a near-zero update.
-    common = ["train.max_steps=4", "optim.eps=1e-4"]
+    common = ["run.max_steps=4", "optim.eps=1e-4"]
     one = tmp_path / "one"
     subprocess.run(
         sft_command(tiny_qwen2, arithmetic, one, *common, "train.micro_batch_size=2"),
@@ -99,7 +100,7 @@ def test_ddp_two_processes_match_one_with_double_accumulation(tiny_qwen2, arithm
 def test_lora_trains_adapters_and_saves_a_merged_model(tiny_qwen2, arithmetic, tmp_path):
     out = tmp_path / "lora"
     subprocess.run(
-        sft_command(tiny_qwen2, arithmetic, out, "train.max_steps=6", "model.lora.enabled=true",
+        sft_command(tiny_qwen2, arithmetic, out, "run.max_steps=6", "model.lora.enabled=true",
                     "model.lora.r=4", "optim.lr=1e-2"),
         env=ENV, check=True,
     )  # fmt: skip
@@ -111,7 +112,7 @@ def test_lora_trains_adapters_and_saves_a_merged_model(tiny_qwen2, arithmetic, t
     ]
     assert changed and all("proj" in k for k in changed)  # only adapted linear layers moved
     summary = (out / "summary.json").read_text()
-    assert "eval_loss_after" in summary
+    assert "eval/loss" in json.loads(summary)["eval_after"]
 
 
 def test_bad_data_is_one_clear_line_not_a_traceback(tiny_qwen2, tmp_path):
@@ -119,7 +120,7 @@ def test_bad_data_is_one_clear_line_not_a_traceback(tiny_qwen2, tmp_path):
     bad.write_text('{"prompt": "1+1=", "completion": "2"}\n{"prompt": "2+2=", "completion": 4}\n')
     result = subprocess.run(
         [sys.executable, "-m", "posttrain.cli", "sft", f"model.path={tiny_qwen2}",
-         f"data.train={bad}", f"train.out_dir={tmp_path / 'o'}"],
+         f"data.train={bad}", f"run.out_dir={tmp_path / 'o'}"],
         env=ENV, capture_output=True, text=True,
     )  # fmt: skip
     assert result.returncode == 2

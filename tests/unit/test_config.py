@@ -23,11 +23,29 @@ def test_misspelled_key_names_it_and_the_closest_valid_one():
 
 def test_misspelled_key_in_file_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("train:\n  max_step: 5\n")
+    path.write_text("run:\n  max_step: 5\n")
     with pytest.raises(
-        ConfigError, match=r"(?s)bad.yaml.*'train.max_step'; did you mean 'train.max_steps'"
+        ConfigError, match=r"(?s)bad.yaml.*'run.max_step'; did you mean 'run.max_steps'"
     ):
         load_config(SFTConfig, path)
+
+
+@pytest.mark.parametrize(
+    "command, old, new",
+    [
+        ("sft", "train.out_dir", "'run.out_dir'"),
+        ("dpo", "train.seed", "'run.seed'"),
+        ("rm", "train.save_every", "'run.save_every'"),
+        ("grpo", "grpo.max_new_tokens", "'sampling.max_new_tokens'"),
+        ("grpo", "grpo.temperature", "'sampling.temperature' or 'evaluation.temperature'"),
+        ("iterative-dpo", "out_dir", "'run.out_dir'"),
+        ("iterative-dpo", "iterate.rounds", "'run.max_steps'"),
+    ],
+)
+def test_an_old_spelling_names_the_key_that_replaced_it(command, old, new, capsys):
+    """Run settings live in one `run` section in every recipe, sampling in `sampling`."""
+    assert main([command, "--dry-run", f"{old}=1"]) == 2
+    assert f"unknown key '{old}': it is {new}" in capsys.readouterr().err
 
 
 def test_wrong_type_names_field_and_expected_type():
@@ -50,7 +68,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_dry_run_prints_resolved_config(capsys):
-    assert main(["sft", "--dry-run", "optim.lr=0.5", "train.max_steps=7"]) == 0
+    assert main(["sft", "--dry-run", "optim.lr=0.5", "run.max_steps=7"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.5" in out and "max_steps: 7" in out
 

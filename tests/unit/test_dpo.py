@@ -13,6 +13,7 @@ from posttrain.data.packing import pack
 from posttrain.data.pairs import PairBatch, PairExample, collate_pairs, tokenize_pairs
 from posttrain.data.records import DataError, LabeledRecord, PreferenceRecord
 from posttrain.data.tokenize import TokenizedExample
+from posttrain.losses import PAIR_LOSSES, pair_loss
 from posttrain.models.loading import load_causal_lm
 from posttrain.models.reference import (
     Reference,
@@ -23,8 +24,8 @@ from posttrain.models.reference import (
 )
 from posttrain.models.tiny import build_tokenizer
 from posttrain.recipes.dpo import (
-    LOSSES,
     DPOConfig,
+    _kto,
     finish_metrics,
     precompute_reference,
     preference_loss,
@@ -60,7 +61,7 @@ def _loss_and_grads(model, mb: PairBatch, cfg: DPOConfig):
     return loss.detach(), metrics, [p.grad.clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("loss", sorted(LOSSES))
+@pytest.mark.parametrize("loss", sorted([*PAIR_LOSSES, "kto"]))
 def test_shared_prefix_loss_and_gradients_equal_separate_sequences(loss, tiny_qwen2):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
     examples = _examples(0)
@@ -96,8 +97,8 @@ def test_sequence_logprobs_are_sums_of_full_softmax_log_probs(tiny_qwen2):
     torch.testing.assert_close(got, torch.stack(want), atol=1e-5, rtol=0)
 
 
-def test_dpo_loss_by_hand_from_the_recipe():
-    """loss_fn sums per-pair losses; check DPO's arithmetic on two pairs of given log-probs.
+def test_dpo_loss_by_hand_from_the_registry():
+    """The recipe's pair loss; check DPO's arithmetic on two pairs of given log-probs.
 
     h = (logp_c - ref_c) - (logp_r - ref_r): pair 0: (-3 - -4) - (-5 - -4) = 1 - -1 = 2;
     pair 1: (-6 - -5) - (-2 - -3) = -1 - 1 = -2. beta = 0.5: -log sigmoid(1) = 0.313262,
@@ -106,9 +107,7 @@ def test_dpo_loss_by_hand_from_the_recipe():
         torch.tensor([[-3.0, -5.0], [-6.0, -2.0]]),
         torch.tensor([[-4.0, -4.0], [-5.0, -3.0]]),
     )
-    cfg = DPOConfig(loss="dpo", beta=0.5)
-    mb = PairBatch(None, torch.ones(2, 2), ref, torch.ones(2, dtype=torch.bool))
-    loss, metrics = LOSSES["dpo"](policy, ref, mb, cfg)
+    loss, metrics = pair_loss("dpo", policy, ref, torch.ones(2, 2), beta=0.5)
     assert loss.item() == pytest.approx(0.813262, abs=1e-6)
     assert metrics["rewards/chosen"].item() == pytest.approx(0.0)  # (0.5 + -0.5) / 2
     assert metrics["rewards/margin"].item() == pytest.approx(0.0)  # (1 + -1) / 2
@@ -142,7 +141,7 @@ def test_kto_metrics_are_means_over_each_label():
     policy = torch.tensor([[-1.0, -5.0], [-4.0, -5.0], [1.0, -5.0]])
     ref = torch.tensor([[-2.0, -5.0], [-2.0, -5.0], [-2.0, -5.0]])
     mb = PairBatch(None, torch.ones(3, 2), ref, torch.tensor([True, True, False]))
-    _, shares = LOSSES["kto"](policy, ref, mb, DPOConfig(loss="kto", beta=0.1))
+    _, shares = _kto(policy, ref, mb, DPOConfig(loss="kto", beta=0.1))
     m = finish_metrics({k: float(v) for k, v in shares.items()})
     assert m["rewards/chosen"] == pytest.approx(-0.05)
     assert m["rewards/rejected"] == pytest.approx(0.3)

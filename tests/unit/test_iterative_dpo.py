@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import torch
+
+from posttrain.data.prompts import Prompt
+from posttrain.data.records import PromptRecord
+from posttrain.online import Rollout
 from posttrain.recipes.iterative_dpo import best_worst_pair
 
 
 def scored(*rewards, truncated=(), skipped=(), blank=()):
+    prompt = Prompt(PromptRecord("p"), [1], "test")
     return [
-        {
-            "reward": r,
-            "finish": "length" if i in truncated else "stop",
-            "skipped": i in skipped,
-            "text": " " if i in blank else f"answer {i}",
-        }
+        Rollout(
+            prompt,
+            0,
+            [1],
+            " " if i in blank else f"answer {i}",
+            "length" if i in truncated else "stop",
+            torch.zeros(1),
+            torch.ones(1, dtype=torch.bool),
+            reward=r,
+            skipped=i in skipped,
+        )  # fmt: skip
         for i, r in enumerate(rewards)
     ]
 

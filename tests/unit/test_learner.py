@@ -6,6 +6,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.data.packing import pack
 from posttrain.data.tokenize import TokenizedExample
+from posttrain.files import write_atomic
 from posttrain.models.logprobs import nll_sum
 from posttrain.train import checkpoint
 from posttrain.train.distributed import Dist
@@ -87,6 +88,20 @@ def test_step_reports_token_weighted_loss(tiny_qwen2):
     assert metrics["lr"] == 0.0 and metrics["grad_norm"] > 0  # cosine over 1 step ends at 0
 
 
+def save(learner: Learner, out, step: int, keep: int = 2) -> None:
+    checkpoint.save_checkpoint(out / "checkpoints", step, {"model": learner.part}, ONE, keep=keep)
+
+
+def resume(learner: Learner, out) -> int:
+    """What `Run.resume` does: drop partial writes, load the latest checkpoint."""
+    root = out / "checkpoints"
+    checkpoint.remove_partial(root)
+    found = checkpoint.list_checkpoints(root)
+    if not found:
+        return 0
+    return checkpoint.load_checkpoint(found[-1], {"model": learner.part}, ONE)["step"]
+
+
 def test_checkpoint_round_trip_prunes_and_ignores_partial(tmp_path, tiny_qwen2):
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
     learner = Learner(model, ONE, lr=1e-2, total_steps=10)
@@ -94,7 +109,7 @@ def test_checkpoint_round_trip_prunes_and_ignores_partial(tmp_path, tiny_qwen2):
     loss_fn = lambda m, b: (nll_sum(m, b), {})  # noqa: E731
     for step in range(1, 4):
         learner.step([batch], [batch.num_targets], loss_fn)
-        learner.save(tmp_path, step, keep=2)
+        save(learner, tmp_path, step)
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     (tmp_path / "checkpoints" / ".tmp-step-00000004").mkdir()  # what a kill mid-write leaves
     names = [p.name for p in checkpoint.list_checkpoints(tmp_path / "checkpoints")]
@@ -102,7 +117,7 @@ def test_checkpoint_round_trip_prunes_and_ignores_partial(tmp_path, tiny_qwen2):
 
     learner.step([batch], [batch.num_targets], loss_fn)  # move on, then come back
     fresh = Learner(AutoModelForCausalLM.from_pretrained(tiny_qwen2), ONE, lr=1e-2, total_steps=10)
-    assert fresh.resume(tmp_path) == 3
+    assert resume(fresh, tmp_path) == 3
     assert not (tmp_path / "checkpoints" / ".tmp-step-00000004").exists()
     for key, value in fresh.module.state_dict().items():
         assert torch.equal(value, saved[key]), key
@@ -111,7 +126,7 @@ def test_checkpoint_round_trip_prunes_and_ignores_partial(tmp_path, tiny_qwen2):
     learner2 = Learner(
         AutoModelForCausalLM.from_pretrained(tiny_qwen2), ONE, lr=1e-2, total_steps=10
     )
-    learner2.resume(tmp_path)
+    resume(learner2, tmp_path)
     a = fresh.step([batch], [batch.num_targets], loss_fn)
     b = learner2.step([batch], [batch.num_targets], loss_fn)
     assert a == b
@@ -126,7 +141,7 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, tiny_q
     loss_fn = lambda m, b: (nll_sum(m, b), {})  # noqa: E731
     for step in (1, 2):
         learner.step([batch], [batch.num_targets], loss_fn)
-        learner.save(tmp_path, step, keep=2)
+        save(learner, tmp_path, step)
 
     def die_halfway(path, ignore_errors=False):  # delete one file, then "get killed"
         if not path.exists():
@@ -137,21 +152,21 @@ def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, tiny_q
     monkeypatch.setattr(checkpoint.shutil, "rmtree", die_halfway)
     learner.step([batch], [batch.num_targets], loss_fn)
     with pytest.raises(KeyboardInterrupt):
-        learner.save(tmp_path, 3, keep=2)  # prunes step 1
+        save(learner, tmp_path, 3)  # prunes step 1
     monkeypatch.undo()
     root = tmp_path / "checkpoints"
     for ckpt in checkpoint.list_checkpoints(root):
         names = {f.name for f in ckpt.iterdir()}
-        assert {"trainable.safetensors", "optimizer.pt", "state.json", "rng-rank0.pt"} <= names
+        assert {"model.safetensors", "model-optimizer.pt", "state.json", "rng-rank0.pt"} <= names
     assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step-00000002", "step-00000003"]
     fresh = Learner(AutoModelForCausalLM.from_pretrained(tiny_qwen2), ONE, lr=1e-2, total_steps=10)
-    assert fresh.resume(tmp_path) == 3
+    assert resume(fresh, tmp_path) == 3
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # the leftover is gone
 
 
 def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
     path = tmp_path / "d" / "summary.json"
-    checkpoint.write_atomic(path, lambda f: f.write(b'{"round": 1}'))
+    write_atomic(path, lambda f: f.write(b'{"round": 1}'))
     assert path.read_bytes() == b'{"round": 1}'
 
     def dies_halfway(f):
@@ -159,6 +174,6 @@ def test_write_atomic_replaces_whole_or_not_at_all(tmp_path):
         raise KeyboardInterrupt  # a kill mid-write
 
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.write_atomic(path, dies_halfway)
+        write_atomic(path, dies_halfway)
     assert path.read_bytes() == b'{"round": 1}'  # the old file, whole
     assert [p.name for p in path.parent.iterdir()] == ["summary.json"]  # no temporary left

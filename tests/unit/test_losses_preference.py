@@ -8,13 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from posttrain.losses import (
-    DPO_LOSSES,
+    PAIR_LOSSES,
     bradley_terry_loss,
     dpo_loss,
     hinge_loss,
     ipo_loss,
     kto_loss,
     orpo_loss,
+    pair_loss,
     robust_dpo_loss,
     simpo_loss,
 )
@@ -110,10 +111,21 @@ def test_hinge():
     assert loss.item() == pytest.approx(2.5 / 3)
 
 
-def test_dpo_losses_registry_names_every_variant():
-    assert DPO_LOSSES["sigmoid"](*PAIRS, beta=0.1)[0].item() == pytest.approx(0.721268, abs=1e-6)
-    assert DPO_LOSSES["ipo"](*PAIRS, beta=0.1)[0].item() == pytest.approx(32.5)
-    assert set(DPO_LOSSES) == {"sigmoid", "robust", "ipo", "hinge"}
+def test_pair_losses_registry_names_every_variant_and_reads_columns():
+    """Columns are (chosen, rejected); ipo, simpo and orpo read per-token means."""
+    policy, ref = torch.stack(PAIRS[:2], 1), torch.stack(PAIRS[2:], 1)
+    ones = torch.ones_like(policy)
+    assert pair_loss("dpo", policy, ref, ones, beta=0.1)[0].item() == pytest.approx(
+        0.721268, abs=1e-6
+    )
+    assert pair_loss("ipo", policy, ref, ones, beta=0.1)[0].item() == pytest.approx(32.5)
+    # lengths 2 halve every log-prob: IPO's margins halve, (1/2 - 5)^2 and (-1 - 5)^2
+    assert pair_loss("ipo", policy, ref, 2 * ones, beta=0.1)[0].item() == pytest.approx(
+        ((0.5 - 5) ** 2 + (-1 - 5) ** 2) / 2
+    )
+    swapped = pair_loss("dpo", policy.flip(1), ref.flip(1), ones, beta=0.1)[0].item()
+    assert swapped != pytest.approx(0.721268, abs=1e-3)
+    assert set(PAIR_LOSSES) == {"dpo", "cdpo", "robust", "ipo", "hinge", "simpo", "orpo"}
 
 
 def test_simpo():
@@ -187,7 +199,7 @@ def test_kto_reference_point_is_clamped_at_zero():
 
 def test_gradcheck_dpo():
     inputs = [x.clone().requires_grad_() for x in PAIRS]
-    for loss_fn in DPO_LOSSES.values():
+    for loss_fn in (dpo_loss, robust_dpo_loss, ipo_loss, hinge_loss):
         assert torch.autograd.gradcheck(lambda *x, f=loss_fn: f(*x, beta=0.3)[0], inputs)
     assert torch.autograd.gradcheck(lambda *x: dpo_loss(*x, label_smoothing=0.2)[0], inputs)
 

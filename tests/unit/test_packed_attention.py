@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from posttrain.data.layout import Group, PackedLayout
 from posttrain.data.packing import IGNORE, pack, pack_shared, pad
 from posttrain.data.tokenize import TokenizedExample
 from posttrain.models.logprobs import nll_sum, target_logprobs
-from posttrain.models.packed_attention import Group, PackedLayout
+from posttrain.models.packed_attention import layout_plan
 
 
 def _random_ids(g: torch.Generator, n: int) -> list[int]:
@@ -90,7 +91,7 @@ def test_many_ragged_answers_of_one_prompt_equal_separate_sequences(prompt_len, 
     answers = [TokenizedExample(_random_ids(g, n), [True] * n) for n in (8, 9, 7, 8, 8, 3, 9, 8)]
     groups = [(_random_ids(g, prompt_len), answers), (_random_ids(g, 4), answers[5:])]
     shared, separate = pack_shared(groups), pack(_as_sequences(groups))
-    assert [p.branches for p in shared.layout.plan(torch.device("cpu"))] == [8, 0]
+    assert [p.branches for p in layout_plan(shared.layout, torch.device("cpu"))] == [8, 0]
     torch.testing.assert_close(
         target_logprobs(model, shared), target_logprobs(model, separate), atol=1e-5, rtol=0
     )

@@ -213,3 +213,22 @@ def test_sentiment_positive_beats_negative():
     assert out.scores[1] < -0.5
     flipped = build_reward("sentiment", target="negative")
     assert score(flipped, ["What a wonderful, happy day!"]).scores[0] == -out.scores[0]
+
+
+def test_digit_match_gives_partial_credit_right_aligned():
+    from posttrain.rewards import build_reward
+
+    digit_match = build_reward("digit_match")
+    out = digit_match(["", "", "", "", ""], ["53", "56", " -45 ", "153", ""], answer=["53"] * 2 + ["-55", "53", "7"])  # fmt: skip
+    # 2/2 digits; units wrong (1/2); '-','5' right of 3 (2/3); '5','3' right of 3 chars (2/3); 0
+    assert out.scores == pytest.approx([1.0, 0.5, 2 / 3, 2 / 3, 0.0])
+
+
+def test_an_import_path_names_any_reward_callable():
+    from posttrain.rewards import build_reward
+    from posttrain.rewards.text_match import format_reward
+
+    assert build_reward("posttrain.rewards.text_match:format_reward") is format_reward
+    assert build_reward("posttrain.rewards.text_match:format_reward", name="f").name == "f"
+    with pytest.raises(ValueError, match="cannot import it"):
+        build_reward("posttrain.rewards.text_match:nothing_here")

@@ -1,0 +1,332 @@
+"""The online core: what every online recipe (GRPO family, PPO, iterative DPO, evaluation)
+does with rollouts, written once.
+
+    prompts = draw(train_prompts, step, count, seed)           # a pure function of the step
+    rollouts = sample(sampler, prompts, params)                # G per prompt, prompt-major
+    metrics = score(rollouts, reward)                          # reward, components, correct
+    reference_pass(reference, rollouts, micro_batch_size, T)   # rollout.ref_logprobs
+    for mb in micro_batches(rollouts, size, device):           # packed, each prompt once
+        logprobs, entropy = completion_logprobs(model, mb, T)  # (1, K), with grad
+
+A `Rollout` is one completion with everything learned from it, typed: token ids, a completion
+mask (1 where the policy wrote the token: tool outputs a rollout engine inserts get 0 and leave
+every loss), the sampler's log-probs, the reward and its components, then the per-token
+tensors the recipe adds (pi_old, reference log-probs, values, advantages, returns).
+
+pi_old is the sampler's log-probs: log_softmax(logits / T) of each sampled token, the quantity
+the training forward computes (tests check they agree within 1e-5 in fp32), so it costs no
+forward pass; `forward_logprobs` recomputes it where an engine's numerics differ.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from posttrain.config import PromptDataConfig
+from posttrain.data.packing import Batch, pack_shared
+from posttrain.data.prompts import Prompt
+from posttrain.data.tokenize import TokenizedExample
+from posttrain.losses import token_entropy
+from posttrain.models.logprobs import target_logits
+from posttrain.models.reference import Reference
+from posttrain.models.reward import RewardModel
+from posttrain.rewards import CompositeReward, build_composite
+from posttrain.rollout import FinishReason, Sampler, SamplingParams
+from posttrain.train.learner import step_indices
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of `prompt`, and what the recipe learns from it. Per-token
+    tensors are `(T,)` over the completion's T tokens."""
+
+    prompt: Prompt
+    group: int
+    """Which prompt of the step it answers: rollouts of one group share their prompt."""
+    token_ids: list[int]
+    """The sampled tokens, with the eos or stop token that ended the completion."""
+    text: str
+    finish_reason: FinishReason
+    sampler_logprobs: torch.Tensor
+    completion_mask: torch.Tensor
+    """`(T,)` bool: True where the policy wrote the token (it counts in every loss)."""
+    reward: float = math.nan
+    components: dict[str, float] = field(default_factory=dict)
+    gold: float = math.nan
+    """The gold score: rewards scored for monitoring only (a verifier the policy is not
+    trained on); NaN without them."""
+    correct: bool = False
+    """The first gold reward (else the first reward) scored it at least 1."""
+    skipped: bool = False
+    """A reward failed under the 'skip' fallback: the rollout must leave the update."""
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompt.token_ids
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+    def as_row(self) -> dict:
+        """What samples.jsonl shows of it."""
+        advantage = None if self.advantages is None else round(float(self.advantages[0]), 4)
+        return {
+            "prompt": self.prompt.text,
+            "completion": self.text,
+            "reward": round(self.reward, 4),
+            "advantage": advantage,
+            "correct": self.correct,
+            "finish": self.finish_reason,
+            "components": self.components,
+        }
+
+
+# The per-token tensors micro-batches carry, in this order, when every rollout has them.
+TOKEN_FIELDS = ("old_logprobs", "ref_logprobs", "values", "advantages", "returns")
+
+
+def draw(prompts: Sequence[Prompt], step: int, count: int, seed: int) -> list[Prompt]:
+    """The `count` prompts of `step`: epochs of seeded permutations read in order, a pure
+    function of the step (a resumed run draws the same)."""
+    indices = step_indices(step, num_examples=len(prompts), batch_size=count, seed=seed)
+    return [prompts[i] for i in indices]
+
+
+def sample(
+    sampler: Sampler, prompts: Sequence[Prompt], params: SamplingParams, first_group: int = 0
+) -> list[Rollout]:
+    """`params.n` rollouts of each prompt, prompt-major; groups numbered from `first_group`."""
+    batch = sampler.generate([p.token_ids for p in prompts], params)
+    return [
+        Rollout(
+            prompt=prompts[c.prompt_index],
+            group=first_group + c.prompt_index,
+            token_ids=c.token_ids,
+            text=c.text,
+            finish_reason=c.finish_reason,
+            sampler_logprobs=torch.tensor(c.logprobs),
+            completion_mask=torch.ones(len(c.token_ids), dtype=torch.bool),
+            old_logprobs=torch.tensor(c.logprobs),
+        )
+        for c in batch.completions
+    ]
+
+
+def task_reward(specs: Sequence[dict] | None, data: PromptDataConfig) -> CompositeReward:
+    """The weighted reward of a config's `rewards` list; unset, the task's own verifiers for
+    the options it was made with (`data.task`), which a prompt file does not have."""
+    if specs is None:
+        if not data.task:
+            raise ValueError(
+                "rewards: not set, and data.task names no task whose verifiers could score the "
+                "completions; list them, e.g. rewards: [{name: exact_match}]"
+            )
+        from posttrain.tasks import TASKS
+
+        specs = TASKS[data.task].default_rewards(data.task_options)
+    return build_composite(specs)
+
+
+def score(
+    rollouts: Sequence[Rollout], reward: CompositeReward, gold: CompositeReward | None = None
+) -> dict[str, float]:
+    """Score every rollout with the weighted reward: fills `reward` (NaN when skipped),
+    `components` and `skipped`; with `gold`, also `gold` and the gold components (as
+    `gold/<name>`). `correct`: the first gold component, else the first reward component,
+    scored at least 1. Returns the composites' per-batch metrics. Reward functions get each
+    prompt's fields and `completion_lengths`."""
+    if not rollouts:
+        return {}
+    names = {k for r in rollouts for k in r.prompt.fields}
+    columns = {k: [r.prompt.fields.get(k) for r in rollouts] for k in sorted(names)}
+    columns["completion_lengths"] = [len(r.token_ids) for r in rollouts]
+    prompts, texts = [r.prompt.text for r in rollouts], [r.text for r in rollouts]
+    output = reward(prompts, texts, **columns)
+    judge, judged = reward, output
+    if gold is not None:
+        judge, judged = gold, gold(prompts, texts, **columns)
+    first = judged.components[judge.components[0].name]
+    skipped = output.skipped or [False] * len(rollouts)
+    for i, r in enumerate(rollouts):
+        r.reward = float(output.scores[i])
+        r.components = {k: float(v[i]) for k, v in output.components.items()}
+        if gold is not None:
+            r.gold = float(judged.scores[i])
+            r.components.update({f"gold/{k}": float(v[i]) for k, v in judged.components.items()})
+        r.correct = float(first[i]) >= 1.0  # NaN (skipped) compares False
+        r.skipped = bool(skipped[i])
+    # Per-component means are `sampled_metrics`' job; failures and seconds are the composite's.
+    metrics = output.metrics if gold is None else {**output.metrics, **judged.metrics}
+    return {k: v for k, v in metrics.items() if not k.endswith("/mean")}
+
+
+@dataclass
+class MicroBatch:
+    """Rollouts packed for one forward pass: each prompt's tokens once (`pack_shared`), then
+    its completions. Token tensors are `(1, K)` over the K completion tokens in rollout order."""
+
+    batch: Batch
+    cu_seqlens: torch.Tensor
+    """`(S + 1,)`: completion s owns tokens cu[s]:cu[s + 1] of K."""
+    mask: torch.Tensor
+    """`(1, K)` bool: the completion masks."""
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        """Completion tokens the policy wrote (what token means average over)."""
+        return int(self.mask.sum())
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.cu_seqlens) - 1
+
+    def to(self, device: torch.device) -> MicroBatch:
+        move = {f.name: getattr(self, f.name) for f in fields(self)}
+        return MicroBatch(
+            **{k: v.to(device) if torch.is_tensor(v) or isinstance(v, Batch) else v
+               for k, v in move.items()}
+        )  # fmt: skip
+
+
+def micro_batches(rollouts: Sequence[Rollout], size: int, device: torch.device) -> list[MicroBatch]:
+    """`size` consecutive rollouts at a time; consecutive rollouts of one group share their
+    prompt's tokens. Each per-token field is carried when every rollout has it."""
+    out = []
+    for chunk in (rollouts[i : i + size] for i in range(0, len(rollouts), size)):
+        groups: list[tuple[list[int], list[TokenizedExample]]] = []
+        last_group = None
+        for r in chunk:
+            if r.group != last_group:
+                groups.append((r.prompt_ids, []))
+                last_group = r.group
+            groups[-1][1].append(TokenizedExample(r.token_ids, [True] * len(r.token_ids)))
+        tokens = {
+            name: torch.cat([getattr(r, name) for r in chunk])[None]
+            for name in TOKEN_FIELDS
+            if all(getattr(r, name) is not None for r in chunk)
+        }
+        mb = MicroBatch(
+            pack_shared(groups),
+            cu_seqlens=torch.tensor([0] + [len(r.token_ids) for r in chunk]).cumsum(0),
+            mask=torch.cat([r.completion_mask for r in chunk])[None],
+            **tokens,
+        )
+        out.append(mb.to(device))
+    return out
+
+
+def completion_logprobs(
+    model: torch.nn.Module, mb: MicroBatch, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(1, K)` log-probs of the completion tokens under log_softmax(logits / temperature), and
+    the `(1, K)` entropies of those distributions (no grad): the LM head runs on these K only."""
+    logits, targets = target_logits(model, mb.batch)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logprobs = logits.gather(1, targets[:, None]).squeeze(1) - logits.logsumexp(1)
+    with torch.no_grad():
+        entropy = token_entropy(logits)
+    return logprobs[None], entropy[None]
+
+
+@torch.no_grad()
+def forward_logprobs(
+    model: torch.nn.Module,
+    rollouts: Sequence[Rollout],
+    size: int,
+    temperature: float,
+    *,
+    autocast=nullcontext,
+) -> list[torch.Tensor]:
+    """Each rollout's `(T,)` log-probs from a no-grad training forward in eval mode (the
+    reference pass; pi_old recomputed). `autocast`: the learner's autocast context."""
+    module = getattr(model, "module", model)
+    was_training, device = module.training, next(module.parameters()).device
+    module.eval()
+    try:
+        with autocast():
+            logprobs = [
+                completion_logprobs(module, mb, temperature)[0][0].float().cpu()
+                for mb in micro_batches(rollouts, size, device)
+            ]
+    finally:
+        module.train(was_training)
+    return list(torch.cat(logprobs).split([len(r.token_ids) for r in rollouts]))
+
+
+def reference_pass(
+    reference: Reference, rollouts: Sequence[Rollout], size: int, temperature: float
+) -> None:
+    """Set each rollout's `ref_logprobs` with `reference` (a frozen copy, or the policy with
+    its LoRA adapters disabled)."""
+    if not rollouts:
+        return
+    with reference.model() as module:
+        logprobs = forward_logprobs(
+            module, rollouts, size, temperature, autocast=reference.autocast
+        )
+    for r, lp in zip(rollouts, logprobs, strict=True):
+        r.ref_logprobs = lp
+
+
+@torch.no_grad()
+def value_pass(
+    critic: RewardModel, rollouts: Sequence[Rollout], size: int, *, autocast=nullcontext
+) -> None:
+    """Set each rollout's `values` `(T,)`: the critic's V(s_t) of the state before each
+    completion token (`RewardModel.token_scores`), from a no-grad forward in eval mode."""
+    if not rollouts:
+        return
+    was_training, device = critic.training, next(critic.parameters()).device
+    critic.eval()
+    try:
+        with autocast():
+            values = [
+                critic.token_scores(mb.batch)[:, 0].float().cpu()
+                for mb in micro_batches(rollouts, size, device)
+            ]
+    finally:
+        critic.train(was_training)
+    for r, v in zip(
+        rollouts, torch.cat(values).split([len(r.token_ids) for r in rollouts]), strict=True
+    ):
+        r.values = v
+
+
+def sampled_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """Means over the sampled rollouts: reward (skipped ones aside), each component, the gold
+    score and its components (with gold rewards), accuracy, completion length and the fraction
+    cut at max_new_tokens."""
+    if not rollouts:
+        return {}
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    scored = [r for r in rollouts if not r.skipped]
+    out = {
+        "reward": mean([r.reward for r in scored]) if scored else math.nan,
+        "accuracy": mean([float(r.correct) for r in rollouts]),
+        "completion_length": mean([len(r.token_ids) for r in rollouts]),
+        "truncated_fraction": mean([float(r.truncated) for r in rollouts]),
+    }
+    for name in rollouts[0].components:
+        kept = [r.components[name] for r in rollouts if not math.isnan(r.components[name])]
+        key = name if name.startswith("gold/") else f"reward/{name}"
+        out[key] = mean(kept) if kept else math.nan
+    golds = [r.gold for r in rollouts if not math.isnan(r.gold)]
+    if golds:
+        out["gold"] = mean(golds)
+    return out
