@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv install dev quickstart test test-all lint clean
+.PHONY: venv install dev quickstart test test-slow test-all lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,9 @@ quickstart: install
 
 test: install
 	$(PY) -m pytest -q
+
+test-slow: install
+	$(PY) -m pytest -q -m slow
 
 test-all: install
 	$(PY) -m pytest -q -m ""

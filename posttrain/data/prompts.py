@@ -84,7 +84,7 @@ def tokenize_prompts(
         if len(ids) > max_length:
             row = record.row if record.row is not None else i + 1
             raise DataError(
-                source, row, "prompt", f"{len(ids)} tokens, over max_prompt_length={max_length}"
+                source, row, "prompt", f"{len(ids)} tokens, over data.max_prompt_length={max_length}"
             )
         out.append(Prompt(record, ids, source))
     return out

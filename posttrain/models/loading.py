@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ from posttrain.config import ModelConfig
 from posttrain.models.packed_attention import enable_packed_attention
 from posttrain.models.swiglu import use_lean_swiglu
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,6 +50,12 @@ def fit_to_context(length: int, path: str, key: str, reserve: int = 0) -> int:
             f"{key}: the model's context (max_position_embeddings={context}) leaves no room "
             f"beside {reserve} generated tokens"
         )
+    if length > context - reserve:
+        beside = f" minus {reserve} generated tokens" if reserve else ""
+        log.warning(
+            "%s=%d is longer than the model's context (max_position_embeddings=%d%s): using %d",
+            key, length, context, beside, context - reserve,
+        )  # fmt: skip
     return min(length, context - reserve)
 
 

@@ -101,8 +101,8 @@ def build_model(
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
         attn_implementation="sdpa",
-        **shape,
     )
+    common.update(shape)
     if common["vocab_size"] < tokenizer_vocab:
         raise ValueError(f"vocab_size must be at least {tokenizer_vocab}")
     config = Qwen2Config(**common) if arch == "qwen2" else LlamaConfig(**common)

@@ -254,7 +254,9 @@ def run(cfg: GRPOConfig) -> dict:
         if reference is not None:
             reference_pass(reference, rollouts, g.micro_batch_size, s.temperature)
         if g.old_logprobs == "recompute" and rollouts:
-            old = forward_logprobs(model, rollouts, g.micro_batch_size, s.temperature)
+            old = forward_logprobs(
+                model, rollouts, g.micro_batch_size, s.temperature, autocast=learner.autocast
+            )
             for r, logprobs in zip(rollouts, old, strict=True):
                 r.old_logprobs = logprobs
         # Failed rewards, and truncated completions under overlong filtering, leave the loss.

@@ -101,7 +101,9 @@ def rewards_of(cfg: PPOConfig) -> tuple[CompositeReward, CompositeReward | None]
     specs = cfg.rewards
     if specs is None and cfg.reward_model:
         path = model_dir(cfg.reward_model, "reward_model")
-        specs = [{"name": "reward_model", "options": {"path": path, "device": cfg.run.device}}]
+        # It reads prompts as the policy does (the chat template or not).
+        options = {"path": path, "device": cfg.run.device, "chat_template": cfg.data.chat_template}
+        specs = [{"name": "reward_model", "options": options}]
     reward = task_reward(specs, cfg.data)
     if cfg.gold is not None:
         return reward, build_composite(cfg.gold)
@@ -160,8 +162,9 @@ def advantages_and_returns(
 
 
 def policy_loss(
-    model, mb: MicroBatch | Batch, *, total: float, p: PPOSection, ptx: tuple, temperature: float
-):
+    model, mb: MicroBatch | Batch, *, total: float, p: PPOSection, ptx: tuple, temperature: float,
+    diff: list | None = None,
+):  # fmt: skip
     """A minibatch's micro-batch: the clipped surrogate as a token sum (the learner divides by
     the minibatch's completion tokens, `total`), or a ptx batch's gamma x mean NLL scaled so
     that the division leaves it a mean over the ptx tokens."""
@@ -170,6 +173,8 @@ def policy_loss(
         nll = nll_sum(model, mb) / targets
         return coef * nll * total, {"ptx/nll": nll.detach() * total}
     logprobs, entropy = completion_logprobs(model, mb, temperature)
+    if diff is not None:  # the policy has not moved since sampling: check pi_old's reuse
+        diff.append(float((logprobs.detach() - mb.old_logprobs).abs().max()))
     loss, m = ppo_policy_loss(
         logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps_low=p.clip_eps,
         agg="token_mean", denominator=1.0,
@@ -307,21 +312,27 @@ def run(cfg: PPOConfig) -> dict:
         prompts = draw(train, step, p.prompts_per_step, seed)
         params = sampling_params(s, n=p.samples_per_prompt, seed=seed * 1_000_003 + step)
         sampled = sample(sampler, prompts, params)
+        times = {"time/sample_s": time.perf_counter() - began}
         metrics = score(sampled, reward, gold)
         rollouts = [r for r in sampled if not r.skipped]  # a failed reward leaves the update
+        times["time/score_s"] = time.perf_counter() - began - sum(times.values())
         reference_pass(reference, rollouts, p.micro_batch_size, s.temperature)
         if p.old_logprobs == "recompute" and rollouts:
-            old = forward_logprobs(policy, rollouts, p.micro_batch_size, s.temperature)
+            old = forward_logprobs(
+                policy, rollouts, p.micro_batch_size, s.temperature, autocast=learner.autocast
+            )
             for r, logprobs in zip(rollouts, old, strict=True):
                 r.old_logprobs = logprobs
+        times["time/reference_s"] = time.perf_counter() - began - sum(times.values())
         value_pass(critic, rollouts, p.micro_batch_size, autocast=critic_learner.autocast)
+        times["time/values_s"] = time.perf_counter() - began - sum(times.values())
         scores = shaped_scores(rollouts, state, p)
         beta = state.kl.value
         if rollouts:
             metrics.update(advantages_and_returns(rollouts, scores, beta, p))
         prepared = time.perf_counter()
 
-        updates, critic_updates = [], []
+        updates, critic_updates, diff = [], [], []
         for epoch in range(p.epochs):
             rng = torch.Generator().manual_seed(seed + 1_000_003 * step + epoch)
             order = [rollouts[i] for i in torch.randperm(len(rollouts), generator=rng).tolist()]
@@ -331,7 +342,7 @@ def run(cfg: PPOConfig) -> dict:
                 ptx, ptx_tokens = ptx_batches(step * updates_per_step + len(updates))
                 fn = functools.partial(
                     policy_loss, total=float(sum(weights)), p=p, ptx=(cfg.ptx.coef, ptx_tokens),
-                    temperature=s.temperature,
+                    temperature=s.temperature, diff=None if updates else diff,
                 )  # fmt: skip
                 updates.append(learner.step(mbs + ptx, weights + [0] * len(ptx), fn))
                 value_fn = functools.partial(critic_loss, p=p)
@@ -355,7 +366,9 @@ def run(cfg: PPOConfig) -> dict:
                 else key
             )
             metrics[name] = sum(u[key] for u in critic_updates) / len(critic_updates)
-        metrics["time/sample_s"] = prepared - began
+        if diff:
+            metrics["old_logprob_max_abs_diff"] = max(diff)
+        metrics.update(times)
         metrics["time/train_s"] = time.perf_counter() - prepared
         tokens = sum(len(r.token_ids) for r in sampled)
         metrics["completion_tokens_per_s"] = tokens / (time.perf_counter() - began)

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from posttrain.data.reward import Comparison, RewardEncoder, collate_comparisons
 from posttrain.data.tokenize import uses_chat_template
@@ -66,7 +66,13 @@ class RewardModelScorer:
     ):
         self.name, self.batch_size, self.max_length = name, batch_size, max_length
         self.device = _device(device)
-        tokenizer = load_tokenizer(path)
+        tokenizer = load_tokenizer(path, "reward_model")
+        architectures = AutoConfig.from_pretrained(path, local_files_only=True).architectures or []
+        if not any(a.endswith("ForSequenceClassification") for a in architectures):
+            raise ValueError(
+                f"reward_model: {path!r} holds a {'/'.join(architectures) or 'model'} with no "
+                "reward head; train one with `posttrain rm` (or load any sequence classifier)"
+            )
         classifier = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=resolve_dtype(dtype), attn_implementation="sdpa", local_files_only=True
         )

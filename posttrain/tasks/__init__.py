@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from posttrain.tasks import arithmetic
+from posttrain.tasks import arithmetic, sentences
 
 
 @dataclass(frozen=True)
@@ -77,5 +77,10 @@ TASKS: dict[str, Task] = {
         _reasoning_gym,
         _only("reasoning_gym"),  # the prompt asks for the answer in <answer></answer>
         "a reasoning-gym generator; options dataset (e.g. chain_sum) and config",
+    ),
+    "sentences": Task(
+        sentences.make,
+        sentences.default_rewards,
+        "word sentences to continue, judged by VADER sentiment (the PPO and DPO sentiment demos)",
     ),
 }

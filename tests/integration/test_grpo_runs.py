@@ -175,6 +175,6 @@ def test_a_monstrous_prompt_row_is_refused_as_it_is_read(tiny_qwen2, tmp_path, c
     write_jsonl(path, rows)
     assert main([*args, "data.max_prompt_length=20"]) == 2
     assert (
-        f"{path}: row 2: field 'prompt': 40 tokens, over max_prompt_length=20"
+        f"{path}: row 2: field 'prompt': 40 tokens, over data.max_prompt_length=20"
         in capsys.readouterr().err
     )
