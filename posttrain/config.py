@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -23,10 +23,26 @@ class ConfigError(ValueError):
 
 class Section(BaseModel):
     """Base of every config section: unknown keys fail, field docstrings are the help text.
-    A section's `renamed` maps keys it no longer has to the key that replaced them."""
+    A section's `renamed` maps keys it no longer has to the key that replaced them.
+
+    A sub-section given in part keeps the recipe's defaults for the rest: with `optim:
+    OptimConfig = OptimConfig(lr=1e-6)`, setting `optim.warmup_steps` leaves lr at 1e-6 (not
+    OptimConfig's own 1e-4), and `run.max_steps` leaves the recipe's `run.out_dir`."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_default=True)
     renamed: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_section_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, info in cls.model_fields.items():
+            given = data.get(name)
+            if isinstance(info.default, BaseModel) and isinstance(given, dict):
+                merged[name] = {**info.default.model_dump(exclude_unset=True), **given}
+        return merged
 
 
 class LoraConfig(Section):

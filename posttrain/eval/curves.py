@@ -11,8 +11,8 @@ from posttrain.train.metrics import read_metrics
 def plot_curves(
     out_dir: Path, keys: Sequence[str], path: Path, x_label: str = "step"
 ) -> Path | None:
-    """One panel per metric in `keys` against the step (named `x_label` on the axis), from
-    `out_dir/metrics.jsonl`; keys never logged are left out. Returns the PNG path, or None when
+    """One panel per metric in `keys` against the step (named `x_label` on the axis), four to
+    a row, from `out_dir/metrics.jsonl`; keys never logged are left out. Returns the PNG path, or None when
     there is nothing to draw."""
     import matplotlib
 
@@ -27,8 +27,12 @@ def plot_curves(
     series = {k: v for k, v in series.items() if v}
     if not series:
         return None
-    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
-    for ax, (key, points) in zip(axes[0], series.items(), strict=True):
+    columns = min(len(series), 4)
+    rows = -(-len(series) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(series) :]:
+        ax.set_visible(False)
+    for ax, (key, points) in zip(axes.flat, series.items(), strict=False):
         steps, values = zip(*points, strict=True)
         if len(points) < 30:
             ax.plot(steps, values, marker="o", markersize=3)

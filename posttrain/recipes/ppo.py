@@ -75,7 +75,7 @@ from posttrain.rollout import build_sampler, sampling_params
 from posttrain.train.learner import Learner, step_indices
 from posttrain.train.run import Run
 
-CURVES = ("score", "gold", "kl", "beta", "eval/gold", "eval/accuracy", "eval/ptx_loss")
+CURVES = ("score", "gold", "kl", "beta", "eval/reward", "eval/gold", "eval/ptx_loss")
 
 
 @dataclass

@@ -104,3 +104,16 @@ def test_model_level_validator_error_is_reported_not_crashed():
 
     with pytest.raises(ConfigError, match="invalid config: .*low must not exceed high"):
         load_config(Pair, None, ["low=5"])
+
+
+def test_a_section_given_in_part_keeps_the_recipes_defaults_for_the_rest():
+    """DPO's optim defaults to lr 1e-6 and GRPO's run to out_dir runs/grpo, eval_every 10: a key
+    set beside them must not bring back the section class's own defaults (1e-4, runs/run, 0)."""
+    from posttrain.recipes.dpo import DPOConfig
+    from posttrain.recipes.grpo_config import GRPOConfig
+
+    dpo = load_config(DPOConfig, None, ["optim.warmup_steps=10"])
+    assert (dpo.optim.lr, dpo.optim.warmup_steps, dpo.run.out_dir) == (1e-6, 10, "runs/dpo")
+    grpo = load_config(GRPOConfig, None, ["run.max_steps=5"])
+    assert (grpo.run.out_dir, grpo.run.eval_every, grpo.run.max_steps) == ("runs/grpo", 10, 5)
+    assert load_config(GRPOConfig, None, ["run.eval_every=0"]).run.eval_every == 0
