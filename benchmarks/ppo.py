@@ -43,8 +43,8 @@ Same work on every side, per step:
 
 Variants, each its own process with OMP_NUM_THREADS set: `posttrain ppo` as a user runs it
 (sampler with the policy's live weights, pi_old from the sampler, packed forwards with the LM
-head on completion tokens only; the reward model re-tokenizes prompt and completion text, with
-the tokenizer's chat template, as `RewardModelScorer` does by default); `posttrain grpo`
+head on completion tokens only; the reward model re-tokenizes prompt and completion text as
+the policy reads them, without a chat template here); `posttrain grpo`
 (benchmarks/grpo.py's worker); TRL's PPOTrainer with its PPOConfig defaults (gradient
 checkpointing on, for the policy) and with gradient checkpointing off.
 

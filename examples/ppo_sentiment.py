@@ -13,8 +13,9 @@ Ziegler et al. 2019's "positive continuations" task, offline and small (docs/ppo
 4. ppo: `posttrain ppo` from the SFT model against the reward model (the critic starts from
    it), VADER as the gold score, for each run of `RUNS`: adaptive KL toward a target, fixed
    beta from high to zero, and PPO-ptx beside plain PPO.
-5. report: report.json, and overoptimization.png: proxy (reward model) and gold (VADER) score
-   of held-out samples against the KL to the SFT policy, one line per run (Gao et al. 2022).
+5. report: report.json; overoptimization.png: proxy (reward model) and gold (VADER) score of
+   held-out samples against the KL to the SFT policy, one line per run (Gao et al. 2022);
+   alignment_tax.png: the held-out NLL of the SFT text against the proxy score, per run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ RUNS: dict[str, dict] = {
     "beta-0.2": {"ppo": {"kl_coef": 0.2}},
     "beta-0.05": {"ppo": {"kl_coef": 0.05}},
     "beta-0": {"ppo": {"kl_coef": 0.0}},
-    "ptx": {"ppo": {"kl_coef": 0.05}, "ptx": {"coef": 1.0}},
+    "ptx-0.1": {"ppo": {"kl_coef": 0.05}, "ptx": {"coef": 0.1}},
+    "ptx-0.3": {"ppo": {"kl_coef": 0.05}, "ptx": {"coef": 0.3}},
+    "ptx-1": {"ppo": {"kl_coef": 0.05}, "ptx": {"coef": 1.0}},
 }
 
 
@@ -143,6 +146,7 @@ def stage_report(out: Path, names: list[str]) -> dict:
 
     report = {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    tax_fig, tax = plt.subplots(figsize=(5.5, 4))
     for name in names:
         evals = [m for m in read_metrics(out / "ppo" / name) if "eval/gold" in m]
         steps = [m for m in read_metrics(out / "ppo" / name) if "kl" in m]
@@ -152,6 +156,7 @@ def stage_report(out: Path, names: list[str]) -> dict:
         xs, proxy, gold = zip(*points, strict=True)
         axes[0].plot(xs, proxy, marker="o", markersize=3, label=name)
         axes[1].plot(xs, gold, marker="o", markersize=3, label=name)
+        tax.plot(proxy, [m["eval/ptx_loss"] for m in evals], marker="o", markersize=3, label=name)
         report[name] = {
             "kl_last": xs[-1], "proxy_before": proxy[0], "proxy_after": proxy[-1],
             "gold_before": gold[0], "gold_after": gold[-1], "gold_best": max(gold),
@@ -167,6 +172,13 @@ def stage_report(out: Path, names: list[str]) -> dict:
     fig.suptitle("held-out samples (temperature 1) during PPO against a learned reward model")
     fig.tight_layout()
     fig.savefig(out / "overoptimization.png", dpi=100)
+    tax.set_xlabel("proxy: reward-model score")
+    tax.set_ylabel("held-out NLL of the SFT text")
+    tax.set_title("the alignment tax, with and without PPO-ptx")
+    tax.grid(alpha=0.3)
+    tax.legend(fontsize=8)
+    tax_fig.tight_layout()
+    tax_fig.savefig(out / "alignment_tax.png", dpi=100)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -34,16 +34,3 @@ def tiny_llama(tmp_path_factory) -> Path:
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
-
-
-@pytest.fixture(scope="session")
-def worked_sums_start(tmp_path_factory) -> Path:
-    """The slow tier's start (docs/grpo.md): the quickstart SFTs a tiny model on worked sums for
-    150 steps (~31% held-out accuracy). Its `sft/final` model and `data/{train,eval}.jsonl`."""
-    from posttrain.recipes.quickstart import QuickstartConfig
-    from posttrain.recipes.quickstart import run as quickstart
-
-    start = tmp_path_factory.mktemp("worked-sums")
-    quickstart(QuickstartConfig(out_dir=str(start), operators="+", worked=True,
-                                train_examples=9500, steps=150))  # fmt: skip
-    return start

@@ -24,7 +24,7 @@ returns its sum, the learner divides by the step's pair count). Metrics are mean
 same pairs: `rewards/chosen`, `rewards/rejected` (implicit rewards beta * (logp - ref_logp);
 SimPO's and ORPO's own otherwise), `rewards/margin`, `rewards/accuracy` (fraction of pairs with
 chosen > rejected), and the policy's summed `logps/chosen`, `logps/rejected`. The same on the
-held-out pairs (`eval/...`) at the start, every `train.eval_every` steps, and at the end.
+held-out pairs (`eval/...`) at the start, every `run.eval_every` steps, and at the end.
 
 KTO (Ethayarajh et al. 2024): each completion is packed with its prompt and with a completion
 written for another prompt (a seeded derangement of the data); that mismatched pair's policy
