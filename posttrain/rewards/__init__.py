@@ -107,6 +107,12 @@ def _reward_model(path: str, **options: Any) -> RewardFunction:
     return RewardModelScorer(path, **options)
 
 
+def _reward_ensemble(paths: list[str], **options: Any) -> RewardFunction:
+    from posttrain.rewards.reward_model import EnsembleRewardModel
+
+    return EnsembleRewardModel(paths, **options)
+
+
 REWARDS: dict[str, Callable[..., RewardFunction]] = {
     "math": _math,  # math-verify on the last \boxed{} vs field `answer`
     "ifeval": _ifeval,  # IFEval checkers; fields `instruction_id_list`, `kwargs`
@@ -121,6 +127,7 @@ REWARDS: dict[str, Callable[..., RewardFunction]] = {
     "sentiment": _sentiment,  # VADER compound score
     "code": _code,  # sandboxed tests; field `tests`
     "reward_model": _reward_model,  # a learned reward model; option `path`
+    "reward_ensemble": _reward_ensemble,  # mean - k * std of several; options `paths`, `k`
 }
 
 

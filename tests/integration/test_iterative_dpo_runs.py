@@ -20,14 +20,18 @@ REWARD = "tests.integration.test_grpo_runs:digit_fraction"
 
 
 @pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> Path:
-    rows = [{"id": str(i), "prompt": f"{i:02d}+{i % 7:02d}="} for i in range(64)]
-    return write_jsonl(tmp_path_factory.mktemp("iterative") / "prompts.jsonl", rows)
+def prompts(tmp_path_factory) -> tuple[Path, Path]:
+    """Training prompts, and 16 held-out ones never trained on."""
+    rows = [{"id": str(i), "prompt": f"{i:02d}+{i % 7:02d}="} for i in range(80)]
+    root = tmp_path_factory.mktemp("iterative")
+    return write_jsonl(root / "train.jsonl", rows[:64]), write_jsonl(root / "eval.jsonl", rows[64:])
 
 
-def config(model: Path, prompts: Path, out: Path, rounds: int = 2, **iterate) -> IterativeDPOConfig:
+def config(
+    model: Path, prompts: tuple[Path, Path], out: Path, rounds: int = 2, **iterate
+) -> IterativeDPOConfig:
     return IterativeDPOConfig.model_validate({
-        "data": {"train": str(prompts), "eval": str(prompts), "eval_size": 16, "chat_template": "never"},
+        "data": {"train": str(prompts[0]), "eval": str(prompts[1]), "eval_size": 16, "chat_template": "never"},
         "rewards": [{"name": REWARD}],
         "sampling": {"max_new_tokens": 6},
         "iterate": {"prompts_per_round": 32, "samples_per_prompt": 4, "chosen_truncated": True,

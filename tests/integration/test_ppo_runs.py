@@ -23,21 +23,27 @@ REWARD = "tests.integration.test_grpo_runs:digit_fraction"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> tuple[Path, Path]:
+def data(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Training prompts, SFT text for ptx, held-out prompts."""
     root = tmp_path_factory.mktemp("ppo")
-    prompts = [{"id": str(i), "prompt": f"{i:02d}+{i % 7:02d}="} for i in range(64)]
+    prompts = [{"id": str(i), "prompt": f"{i:02d}+{i % 7:02d}="} for i in range(80)]
     # ptx text: words, no digits, so the reward pulls away from it
     words = ["the cat sat.", "a dog ran far.", "we like tea.", "it is sunny."]
     sft = [
         {"prompt": w.split()[0], "completion": " " + " ".join(w.split()[1:])} for w in words * 16
     ]
-    return write_jsonl(root / "prompts.jsonl", prompts), write_jsonl(root / "sft.jsonl", sft)
+    held_out = write_jsonl(root / "held-out.jsonl", prompts[64:])  # never trained on
+    return (
+        write_jsonl(root / "prompts.jsonl", prompts[:64]),
+        write_jsonl(root / "sft.jsonl", sft),
+        held_out,
+    )
 
 
-def config(model: Path, data: tuple[Path, Path], out: Path, **sections) -> PPOConfig:
+def config(start: Path, data: tuple[Path, ...], out: Path, **sections) -> PPOConfig:
     base = {
-        "model": {"path": str(model)},
-        "data": {"train": str(data[0]), "eval": str(data[0]), "eval_size": 16,
+        "model": {"path": str(start)},
+        "data": {"train": str(data[0]), "eval": str(data[-1]), "eval_size": 16,
                  "chat_template": "never"},
         "rewards": [{"name": REWARD}],
         "critic": {"init": "policy", "optim": {"lr": 3e-3, "schedule": "constant"}},
@@ -180,3 +186,23 @@ def test_rlhf_against_a_learned_reward_model_raises_the_gold_score_at_the_kl_tar
     kl = [m["kl"] for m in read_metrics(tmp_path / "ppo" / "adaptive") if "kl" in m][-10:]
     target = cfg.ppo.kl_target
     assert 0.6 * target < sum(kl) / len(kl) < 1.4 * target, kl
+
+
+def test_lora_policy_and_critic(tiny_qwen2, data, tmp_path):
+    """LoRA on both models: the reference is the policy with its adapters disabled (no copy),
+    the critic trains its adapters and value head only, and the saved policy is merged."""
+    lora = {"enabled": True, "r": 4, "alpha": 8}
+    cfg = config(tiny_qwen2, data, tmp_path / "run", model={"path": str(tiny_qwen2), "lora": lora},
+                 critic={"lora": lora}, run={"max_steps": 3})  # fmt: skip
+    tokenizer = load_tokenizer(str(tiny_qwen2))
+    critic = ppo.load_critic(
+        cfg, torch.device("cpu"), tokenizer.pad_token_id, tokenizer.get_vocab()
+    )
+    trained = {n for n, p in critic.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n or "score" in n for n in trained)
+    summary = ppo.run(cfg)
+    assert summary["reference"] == "adapters disabled"
+    kls = [m["kl"] for m in read_metrics(tmp_path / "run") if "kl" in m]
+    assert abs(kls[0]) < 1e-5 and abs(kls[-1]) > 1e-4  # zero-initialised adapters, then moving
+    merged = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert not any("lora" in key for key in merged)
