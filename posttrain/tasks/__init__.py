@@ -61,7 +61,7 @@ TASKS: dict[str, Task] = {
         arithmetic.make,
         arithmetic.default_rewards,
         "two-digit addition and subtraction, answer alone or (option worked) worked out first "
-        "(the quickstart and GRPO demo)",
+        "(`posttrain arithmetic` and the GRPO demo)",
     ),
     "gsm_symbolic": Task(
         _gsm_symbolic,

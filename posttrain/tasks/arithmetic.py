@@ -7,7 +7,7 @@ What is held out is the unordered operand pair: every problem on the numbers {37
 (`37+08=`, `08+37=`, `37-08=`, `08-37=`) lands in the same split. So no held-out `a+b` has
 its mirror `b+a`, or a subtraction of the same two numbers, in training, and held-out accuracy
 measures generalisation to unseen pairs, not memorisation. `make_split` holds out whole pairs
-in a seeded order (for the quickstart's files, which may use every problem); `make` (the
+in a seeded order (for `posttrain arithmetic`'s files, which may use every problem); `make` (the
 `arithmetic` task) holds out the pairs whose hash falls in the first `eval_fraction`
 (posttrain/tasks/splits.py), whatever the seed and size.
 

@@ -129,11 +129,11 @@ def test_bad_data_is_one_clear_line_not_a_traceback(tiny_qwen2, tmp_path):
 
 
 def test_sft_lowers_held_out_loss_and_raises_accuracy(tmp_path):
-    """The quickstart, shortened: a random tiny model fine-tuned on generated arithmetic."""
-    from posttrain.recipes.quickstart import QuickstartConfig, run
+    """`posttrain arithmetic`, shortened: a random tiny model fine-tuned on generated arithmetic."""
+    from posttrain.recipes.arithmetic import ArithmeticConfig, run
 
     report = run(
-        QuickstartConfig(
+        ArithmeticConfig(
             out_dir=str(tmp_path / "qs"), steps=300, max_operand=19, train_examples=700,
             eval_examples=100,
         )

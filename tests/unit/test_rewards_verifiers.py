@@ -215,6 +215,16 @@ def test_sentiment_positive_beats_negative():
     assert score(flipped, ["What a wonderful, happy day!"]).scores[0] == -out.scores[0]
 
 
+def test_sentiment_with_a_threshold_is_a_pass_fail_verifier():
+    texts = ["What a wonderful, happy day!", "a fine day.", "This is terrible and I hate it."]
+    compound = score(build_reward("sentiment"), texts).scores
+    assert compound[0] > 0.5 and 0 < compound[1] < 0.5 and compound[2] < 0  # VADER's own scores
+    verdicts = score(build_reward("sentiment", threshold=0.5), texts).scores
+    assert verdicts == [1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="threshold"):
+        build_reward("sentiment", threshold=2)
+
+
 def test_digit_match_gives_partial_credit_right_aligned():
     from posttrain.rewards import build_reward
 

@@ -113,7 +113,7 @@ def _checked(rows: list[dict]) -> list[dict]:
 
 SPLITS = [  # (n_train, n_eval, options): the GRPO demo's split uses all 10000 "+" problems
     (9500, 500, WORKED),
-    (18000, 500, {}),  # the quickstart's default
+    (18000, 500, {}),  # `posttrain arithmetic`'s default
     (2000, 500, {"operators": "+"}),
     (600, 60, {"max_operand": 30}),  # the SFT and DPO integration tests'
 ]

@@ -1,4 +1,5 @@
-"""The quickstart: a tiny model learns arithmetic by SFT, measured before and after.
+"""`posttrain arithmetic`: a tiny model learns arithmetic by SFT, measured before and after; the
+start of the worked-sums examples (GRPO, PPO, iterative DPO).
 
 Builds a random tiny causal LM and tokenizer (offline), generates a train/held-out split of
 `a+b=` / `a-b=` problems with disjoint operand pairs, measures held-out loss and exact-match
@@ -29,8 +30,8 @@ from posttrain.tasks import TASKS, arithmetic
 from posttrain.train.distributed import pick_device
 
 
-class QuickstartConfig(Section):
-    out_dir: str = "runs/quickstart"
+class ArithmeticConfig(Section):
+    out_dir: str = "runs/arithmetic"
     """Where the model, data, run and report go."""
     arch: Literal["qwen2", "llama"] = "qwen2"
     """Architecture of the tiny model."""
@@ -66,11 +67,11 @@ def _accuracy(model_dir: Path, prompts: list[Prompt], reward, device) -> float:
     return result.metrics["eval/accuracy"]
 
 
-def run(cfg: QuickstartConfig) -> dict:
+def run(cfg: ArithmeticConfig) -> dict:
     began = time.time()
     out = Path(cfg.out_dir)
     console = Console()
-    console.print(f"[bold]posttrain quickstart[/] -> {out}")
+    console.print(f"[bold]posttrain arithmetic[/] -> {out}")
     base = save_tiny(out / "base_model", cfg.arch, cfg.size, seed=cfg.seed)
     train_rows, eval_rows = arithmetic.make_split(
         cfg.train_examples, cfg.eval_examples, max_operand=cfg.max_operand, seed=cfg.seed,

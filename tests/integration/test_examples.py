@@ -1,0 +1,57 @@
+"""Every example config resolves, and the ones that need no earlier run start from a fresh
+directory with `posttrain` commands alone (as their headers say)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def posttrain(cwd: Path, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "posttrain.cli", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_example_config_resolves(config, tmp_path):
+    command = {"rlhf.yaml": "pipeline", "iterative_dpo.yaml": "iterative-dpo"}.get(
+        config, config.removesuffix(".yaml")
+    )
+    assert "out_dir" in posttrain(
+        tmp_path, command, "--config", str(EXAMPLES / config), "--dry-run"
+    )
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory) -> Path:
+    """A directory where a user ran the two preparation commands the headers name."""
+    root = tmp_path_factory.mktemp("fresh")
+    posttrain(root, "tiny-model", "runs/tiny")
+    posttrain(root, "tiny-model", "runs/my-model")
+    posttrain(root, "demo-data", "runs/data")
+    return root
+
+
+@pytest.mark.parametrize("config", ["sft.yaml", "rm.yaml"])
+def test_example_runs_from_the_demo_data(fresh, config):
+    command = config.removesuffix(".yaml")
+    posttrain(fresh, command, "--config", str(EXAMPLES / config), "run.max_steps=2",
+              "run.eval_every=0", "run.progress=false")  # fmt: skip
+    assert (fresh / "runs" / command / "final" / "config.json").exists()
+
+
+def test_rlhf_example_starts_from_the_demo_data(fresh):
+    """The pipeline on "your own" model and files: its first stages, briefly."""
+    posttrain(fresh, "pipeline", "--config", str(EXAMPLES / "rlhf.yaml"), "stages=[sft,label]",
+              "sft.run.max_steps=30", "annotator.prompts=48", "data.eval_size=4")  # fmt: skip
+    assert (fresh / "runs" / "rlhf" / "data" / "rankings.jsonl").stat().st_size > 0
+    assert (fresh / "runs" / "rlhf" / "report.html").exists()
