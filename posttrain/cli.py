@@ -12,6 +12,7 @@ import sys
 
 from posttrain.config import ConfigError, config_help, dump_config, load_config
 from posttrain.data.records import DataError
+from posttrain.rewards.base import RewardSetupError
 
 # command -> (module, config class, one-line description); each module has `run(config)`.
 RECIPES: dict[str, tuple[str, str, str]] = {
@@ -40,6 +41,11 @@ RECIPES: dict[str, tuple[str, str, str]] = {
         "posttrain.recipes.ppo",
         "PPOConfig",
         "RLHF with PPO: a reward model (or verifiers), a critic, per-token KL to the SFT policy",
+    ),
+    "label": (
+        "posttrain.recipes.label",
+        "LabelConfig",
+        "sample responses and have an AI judge turn them into preference pairs or rankings",
     ),
     "pipeline": (
         "posttrain.recipes.pipeline",
@@ -105,12 +111,51 @@ def _tiny_model(argv: list[str]) -> int:
     return 0
 
 
+def _serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="posttrain serve",
+        description="Serve a model over an OpenAI-compatible HTTP API (docs/serve.md).",
+    )
+    parser.add_argument("model_dir", help="a Hugging Face model directory (e.g. runs/sft/final)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    parser.add_argument("--port", type=int, default=8000, help="default 8000")
+    parser.add_argument("--model-name", help="the name clients send (default: the directory's)")
+    parser.add_argument(
+        "--api-key-env", metavar="VAR", help="require 'Authorization: Bearer $VAR' on requests"
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=10.0,
+        help="how long a request waits for others to share its sampler call (default 10)",
+    )
+    parser.add_argument(
+        "--max-batch-rows", type=int, default=64, help="prompts x n per sampler call (default 64)"
+    )
+    parser.add_argument(
+        "--max-model-len", type=int, help="prompt + max_tokens at most (default: the model's)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the sampler's seed (default 0)")
+    args = parser.parse_args(argv)
+    from posttrain.serve.app import serve
+
+    try:
+        serve(**{k: v for k, v in vars(args).items() if v is not None})
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         **{k: v[2] for k, v in RECIPES.items()},
         "tiny-model": "build a tiny random model and byte-level tokenizer, offline",
         "demo-data": "write the datasets the examples read, offline",
+        "serve": "serve a model over an OpenAI-compatible HTTP API",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: posttrain <command> [--config FILE] [--dry-run] [key=value ...]\n")
@@ -126,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         return _tiny_model(rest)
     if command == "demo-data":
         return _demo_data(rest)
+    if command == "serve":
+        return _serve(rest)
     module_name, class_name, _ = RECIPES[command]
     module = importlib.import_module(module_name)
     config_cls = getattr(module, class_name)
@@ -140,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         module.run(config)
-    except (DataError, FileNotFoundError) as err:
+    except (DataError, FileNotFoundError, ConfigError, RewardSetupError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -269,6 +269,11 @@ def _describe(model: type[BaseModel], error: dict) -> str:
     return f"'{dotted}': {expected}got {got!r} ({error['msg']})"
 
 
+def config_errors(model: type[BaseModel], error: ValidationError) -> str:
+    """Every problem of a failed validation of `model`, each naming its key, in one line."""
+    return "; ".join(_describe(model, e) for e in error.errors())
+
+
 def set_dotted(data: dict, dotted_key: str, value: Any) -> None:
     """Set `data['a']['b'] = value` for `dotted_key='a.b'`, creating sections as needed."""
     *parents, leaf = dotted_key.split(".")

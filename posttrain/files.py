@@ -32,3 +32,9 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
 def write_json_atomic(path: Path, value: Any) -> Path:
     """`value` as indented JSON, written with `write_atomic`."""
     return write_atomic(path, lambda f: f.write(json.dumps(value, indent=2).encode()))
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> Path:
+    """One JSON object per line, written with `write_atomic`."""
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    return write_atomic(path, lambda f: f.write(data))

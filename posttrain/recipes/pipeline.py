@@ -10,9 +10,9 @@ one resumes from its last checkpoint):
    demonstrations (`data.sft_train`, or the task's rows, which carry completions).
 2. `label`: `annotator.responses` temperature-1 samples of the SFT policy for each of
    `annotator.prompts` training prompts, ranked by a simulated annotator: the hidden gold rule
-   (`annotator.rewards`) with Plackett-Luce noise. Writes K-way rankings (for the reward
-   model, as InstructGPT) and best-vs-worst pairs (for DPO), and the annotator's agreement
-   with the gold rule.
+   (`annotator.rewards`) with Plackett-Luce noise, or an AI judge (`annotator.judge`, RLAIF).
+   Writes K-way rankings (for the reward model, as InstructGPT) and best-vs-worst pairs (for
+   DPO), and the annotator's agreement with the gold rule.
 3. `rm`: `posttrain rm` from the SFT model on the rankings.
 4. `ppo`: `posttrain ppo` from the SFT model against the reward model, per-token KL to the SFT
    policy (adaptive β), the gold rule scored beside it for monitoring.
@@ -35,9 +35,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from posttrain.config import (
+    ConfigError,
     DataConfig,
     EvaluationConfig,
     OptimConfig,
@@ -47,7 +48,8 @@ from posttrain.config import (
     Section,
     TrainConfig,
 )
-from posttrain.files import write_atomic, write_json_atomic
+from posttrain.files import write_json_atomic, write_jsonl_atomic
+from posttrain.judges import JudgeConfig
 from posttrain.recipes.dpo import DPOConfig
 from posttrain.recipes.grpo_config import GRPOConfig, GRPOSection
 from posttrain.recipes.ppo_config import CriticSection, PPOConfig, PPOSection
@@ -98,6 +100,20 @@ class AnnotatorConfig(Section):
     with probability sigmoid(d / noise); 0 ranks by the rule exactly."""
     max_new_tokens: int = Field(48, ge=1)
     """Longest sampled response."""
+    judge: JudgeConfig | None = None
+    """An AI judge ranking the responses instead (RLAIF): pairwise, both orders, responses
+    ordered by their mean P(better), ties left out; the gold rule then only measures its
+    agreement."""
+
+    @model_validator(mode="after")
+    def _pairwise_judge(self) -> AnnotatorConfig:
+        if self.judge is not None and (self.judge.kind != "pairwise" or not self.judge.both_orders):
+            raise ValueError(
+                "annotator.judge: the pipeline ranks with a pairwise judge asked in both orders "
+                f"(kind pairwise, both_orders true); got kind {self.judge.kind!r}, "
+                f"both_orders {self.judge.both_orders}"
+            )
+        return self
 
 
 class ReportConfig(Section):
@@ -274,11 +290,6 @@ class Pipeline:
         return str(self.data / "sft-train.jsonl"), str(self.data / "sft-eval.jsonl")
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    lines = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    return write_atomic(path, lambda f: f.write(lines))
-
-
 def stage_sft(p: Pipeline) -> dict:
     from posttrain.models.tiny import save_tiny
     from posttrain.recipes import sft
@@ -300,14 +311,14 @@ def stage_sft(p: Pipeline) -> dict:
                 "(its rows carry no `completion`); give a file of prompt/completion rows"
             )
         train, held_out = p.sft_files()
-        _write_jsonl(Path(train), rows["train"])
-        _write_jsonl(Path(held_out), rows["eval"])
+        write_jsonl_atomic(Path(train), rows["train"])
+        write_jsonl_atomic(Path(held_out), rows["eval"])
     summary = sft.run(p.sft_config(base))
     return {"base": str(base), "eval/loss": _pair(summary, "eval/loss")}
 
 
 def stage_label(p: Pipeline) -> dict:
-    """Rankings of the SFT policy's own samples by the noisy annotator."""
+    """Rankings of the SFT policy's own samples by the noisy annotator, or by the judge."""
     import torch
 
     from posttrain.data.prompts import load_prompts
@@ -328,8 +339,7 @@ def stage_label(p: Pipeline) -> dict:
     prompts = [prompts[i] for i in random.Random(cfg.seed).sample(range(len(prompts)), min(a.prompts, len(prompts)))]  # fmt: skip
     sampler = HFSampler(load_causal_lm(policy, pick_device("auto")), tokenizer, seed=cfg.seed)
     gold = build_composite(p.gold_specs())
-    rng = random.Random(cfg.seed + 1)
-    rankings, pairs, agree, compared = [], [], 0, 0
+    groups: list[tuple[Any, dict[str, float]]] = []  # (prompt, {distinct response: gold})
     for start in range(0, len(prompts), 128):
         chunk = prompts[start : start + 128]
         params = SamplingParams(n=a.responses, max_new_tokens=a.max_new_tokens, seed=start)
@@ -337,32 +347,49 @@ def stage_label(p: Pipeline) -> dict:
             rollouts = sample(sampler, chunk, params)
         scores = gold([r.prompt.text for r in rollouts], [r.text for r in rollouts]).scores
         for i, prompt in enumerate(chunk):
-            group = list(range(i * a.responses, (i + 1) * a.responses))
-            # distinct, non-empty responses; a ranking needs two whose rule scores differ
             seen: dict[str, float] = {}
-            for j in group:
-                if rollouts[j].text.strip() and not math.isnan(scores[j]):
-                    seen.setdefault(rollouts[j].text, float(scores[j]))
-            if len(seen) < 2 or len(set(seen.values())) < 2:
-                continue
-            ranked = _plackett_luce(list(seen.items()), a.noise, rng)
-            for x in range(len(ranked)):
-                for y in range(x + 1, len(ranked)):
-                    if ranked[x][1] != ranked[y][1]:
-                        compared += 1
-                        agree += ranked[x][1] > ranked[y][1]
-            text = prompt.record.prompt
-            rankings.append({"prompt": text, "responses": [t for t, _ in ranked]})
-            pairs.append({"prompt": text, "chosen": ranked[0][0], "rejected": ranked[-1][0]})
+            for r, s in zip(rollouts[i * a.responses : (i + 1) * a.responses],
+                            scores[i * a.responses : (i + 1) * a.responses], strict=True):  # fmt: skip
+                if r.text.strip() and not math.isnan(s):
+                    seen.setdefault(r.text, float(s))
+            if len(seen) >= 2:
+                groups.append((prompt.record.prompt, seen))
+    stats: dict[str, Any] = {}
+    if a.judge is None:
+        # a ranking by the rule needs two responses it tells apart
+        groups = [(prompt, seen) for prompt, seen in groups if len(set(seen.values())) >= 2]
+        rng = random.Random(cfg.seed + 1)
+        ranked = [[t for t, _ in _plackett_luce(list(seen.items()), a.noise, rng)] for _, seen in groups]  # fmt: skip
+        kept = list(range(len(groups)))
+    else:
+        from posttrain.judges import build_judge
+        from posttrain.recipes.label import judge_groups
+
+        judge = build_judge(a.judge)
+        rows, _, summary = judge_groups(
+            judge, "pairwise", "rankings", [(prompt, list(seen)) for prompt, seen in groups]
+        )
+        kept, ranked = [g for g, _ in rows], [row["responses"] for _, row in rows]
+        stats = {"order_agreement": summary["order_agreement"], "judge": dict(judge.client.stats)}
+    agree = compared = 0
+    for g, order in zip(kept, ranked, strict=True):
+        seen = groups[g][1]
+        for x in range(len(order)):
+            for y in range(x + 1, len(order)):
+                if seen[order[x]] != seen[order[y]]:  # the rule tells them apart
+                    compared += 1
+                    agree += seen[order[x]] > seen[order[y]]
+    rankings = [{"prompt": groups[g][0], "responses": order} for g, order in zip(kept, ranked, strict=True)]  # fmt: skip
+    pairs = [{"prompt": r["prompt"], "chosen": r["responses"][0], "rejected": r["responses"][-1]} for r in rankings]  # fmt: skip
     if len(rankings) < 10:
         raise ValueError(
-            f"label: only {len(rankings)} of {len(prompts)} prompts got two responses the gold "
-            "rule tells apart; the SFT policy's samples are too alike for a ranking"
+            f"label: only {len(rankings)} of {len(prompts)} prompts got a ranking; the SFT "
+            "policy's samples are too alike for the gold rule (or the judge) to tell apart"
         )
-    _write_jsonl(p.data / "rankings.jsonl", rankings)
-    _write_jsonl(p.data / "pairs.jsonl", pairs)
+    write_jsonl_atomic(p.data / "rankings.jsonl", rankings)
+    write_jsonl_atomic(p.data / "pairs.jsonl", pairs)
     return {"rankings": len(rankings), "prompts": len(prompts), "responses": a.responses,
-            "annotator_agreement": agree / max(compared, 1)}  # fmt: skip
+            "annotator_agreement": agree / max(compared, 1)} | stats  # fmt: skip
 
 
 def _plackett_luce(items: list[tuple[str, float]], noise: float, rng: random.Random) -> list:
@@ -408,6 +435,36 @@ def stage_grpo(p: Pipeline) -> dict:
     return {k: _pair(summary, k) for k in ("eval/accuracy", "eval/reward")}
 
 
+# The config sections each stage's result depends on, its own and its inputs'.
+_SFT = ("seed", "base", "data", "sft")
+_LABEL = (*_SFT, "annotator")
+INPUTS = {"sft": _SFT, "label": _LABEL, "rm": (*_LABEL, "rm"), "ppo": (*_LABEL, "rm", "ppo"),
+          "dpo": (*_LABEL, "dpo"), "grpo": (*_SFT, "verifier", "grpo")}  # fmt: skip
+
+
+def _changed(old: Any, new: Any, key: str = "") -> list[str]:
+    """The dotted keys whose values differ between two config dumps."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [k for name in sorted(old.keys() | new.keys())
+                for k in _changed(old.get(name), new.get(name), f"{key}.{name}".lstrip("."))]  # fmt: skip
+    return [] if old == new else [key]
+
+
+def check_unchanged(p: Pipeline, stage: str) -> None:
+    """A finished stage is reused only with the config it ran with (its own sections and its
+    inputs'); otherwise the stale result would pass for the new one."""
+    path = p.out / "stages" / f"{stage}.config.json"
+    dump = p.cfg.model_dump(mode="json")
+    now = {k: dump[k] for k in INPUTS[stage]}
+    then = json.loads(path.read_text()) if path.exists() else now
+    if changed := _changed(then, now):
+        raise ConfigError(
+            f"pipeline: stage {stage!r} finished in {p.out} with other settings ({', '.join(changed[:5])}"
+            f"{', ...' if len(changed) > 5 else ''}); restore them, use another out_dir, or delete "
+            f"{p.done_path(stage)} and the stages after it to redo them"
+        )
+
+
 STAGE_RUNS = {"sft": stage_sft, "label": stage_label, "rm": stage_rm, "ppo": stage_ppo,
               "dpo": stage_dpo, "grpo": stage_grpo}  # fmt: skip
 
@@ -430,6 +487,7 @@ def run(cfg: PipelineConfig) -> dict:
             continue
         done = p.finished(stage)
         if done is not None:
+            check_unchanged(p, stage)
             print(f"[pipeline] {stage}: finished earlier ({p.done_path(stage)}), skipped")
             results[stage] = done
             continue
@@ -437,6 +495,8 @@ def run(cfg: PipelineConfig) -> dict:
         print(f"[pipeline] {stage}: " + (f"resuming from {saved[-1]}" if saved else "starting"))
         t = time.time()
         results[stage] = STAGE_RUNS[stage](p) | {"seconds": round(time.time() - t, 1)}
+        dump = cfg.model_dump(mode="json")
+        write_json_atomic(p.out / "stages" / f"{stage}.config.json", {k: dump[k] for k in INPUTS[stage]})  # fmt: skip
         write_json_atomic(p.done_path(stage), results[stage])
     evaluation = evaluate_stages(p)
     report = {"stages": results, "evaluation": evaluation, "seconds": round(time.time() - began, 1)}

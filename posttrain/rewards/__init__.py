@@ -113,6 +113,12 @@ def _reward_ensemble(paths: list[str], **options: Any) -> RewardFunction:
     return EnsembleRewardModel(paths, **options)
 
 
+def _judge(**options: Any) -> RewardFunction:
+    from posttrain.judges import JudgeReward
+
+    return JudgeReward(**options)
+
+
 REWARDS: dict[str, Callable[..., RewardFunction]] = {
     "math": _math,  # math-verify on the last \boxed{} vs field `answer`
     "ifeval": _ifeval,  # IFEval checkers; fields `instruction_id_list`, `kwargs`
@@ -128,6 +134,7 @@ REWARDS: dict[str, Callable[..., RewardFunction]] = {
     "code": _code,  # sandboxed tests; field `tests`
     "reward_model": _reward_model,  # a learned reward model; option `path`
     "reward_ensemble": _reward_ensemble,  # mean - k * std of several; options `paths`, `k`
+    "judge": _judge,  # an LLM judge: pairwise, pointwise or rules (posttrain.judges)
 }
 
 

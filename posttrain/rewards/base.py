@@ -27,6 +27,11 @@ class RewardError(ValueError):
     """A reward function broke its contract (wrong length, NaN, wrong type)."""
 
 
+class RewardSetupError(RuntimeError):
+    """A reward that cannot work as configured (a judge's wrong key, model or URL): no
+    fallback applies, the run stops with this message."""
+
+
 @dataclass
 class RewardOutput:
     scores: list[float]

@@ -8,7 +8,9 @@ A component fails when it raises, runs past its `timeout_s`, or returns somethin
 `check_output` rejects (a NaN, the wrong length). Then its fallback applies to the whole
 batch: a fixed score (e.g. 0.0), or "skip", which marks every completion `skipped` (score
 NaN, so a recipe that ignores the flag fails loudly instead of learning from a made-up
-number). A completion that a component itself marks skipped is skipped in the sum too.
+number). A completion that a component itself marks skipped is skipped in the sum too. A
+`RewardSetupError` (a reward that cannot work as configured: a judge's wrong key) is no
+failure of a batch: it propagates and stops the run.
 
 Components run at the same time, each in its own daemon thread (or as its `acall` coroutine in
 `acall`). Python cannot stop a thread, so a component that times out is abandoned: its
@@ -28,7 +30,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from posttrain.rewards.base import RewardError, RewardFunction, RewardOutput, check_output
+from posttrain.rewards.base import (
+    RewardError,
+    RewardFunction,
+    RewardOutput,
+    RewardSetupError,
+    check_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +118,8 @@ class CompositeReward:
                 output = future.result(timeout=None if remaining is None else max(0.0, remaining))
             except cf.TimeoutError:
                 output = _Failure(f"timed out after {c.timeout_s}s")
+            except RewardSetupError:
+                raise
             except Exception as error:
                 output = _Failure(f"raised {type(error).__name__}: {error}")
             results.append(self._checked(c, output, len(completions), time.monotonic() - started))
@@ -133,6 +143,8 @@ class CompositeReward:
                 output = await asyncio.wait_for(pending, timeout=c.timeout_s)
             except TimeoutError:
                 output = _Failure(f"timed out after {c.timeout_s}s")
+            except RewardSetupError:
+                raise
             except Exception as error:
                 output = _Failure(f"raised {type(error).__name__}: {error}")
             return self._checked(c, output, len(completions), time.monotonic() - started)

@@ -21,7 +21,7 @@ other model, or one with LoRA layers or hooks, runs its own forward (`posttrain/
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -82,8 +82,16 @@ class HFSampler:
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.text_config = model.config.get_text_config(decoder=True)
 
-    def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
-        """Sample `params.n` completions of each prompt; see `RolloutBatch` for the order."""
+    def generate(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        params: SamplingParams,
+        on_tokens: Callable[[list[int], list[int]], None] | None = None,
+    ) -> RolloutBatch:
+        """Sample `params.n` completions of each prompt; see `RolloutBatch` for the order.
+        `on_tokens(rows, tokens)`, when given, is called after every decoding step with the
+        rows still running (indices in that order) and the token each just sampled, before
+        stop strings are checked: what a streaming server sends on (one host sync per step)."""
         prompts = [list(p) for p in prompt_ids]
         _check_prompts(prompts, self.text_config.vocab_size)
         implementation = self.text_config._attn_implementation
@@ -103,7 +111,7 @@ class HFSampler:
         lean = None if unsupported_reason(self.model) else LlamaFamilyForward(self.model)
         try:
             with torch.inference_mode(), sampling_attention(self.model):
-                return self._generate(prompts, params, generator, stop_strings, lean)
+                return self._generate(prompts, params, generator, stop_strings, lean, on_tokens)
         finally:
             self.model.train(was_training)
 
@@ -124,6 +132,7 @@ class HFSampler:
         generator: torch.Generator,
         stop_strings: StopStrings | None,
         lean: LlamaFamilyForward | None,
+        on_tokens: Callable[[list[int], list[int]], None] | None = None,
     ) -> RolloutBatch:
         start = time.perf_counter()
         device, n, max_new = self.device, params.n, params.max_new_tokens
@@ -180,6 +189,8 @@ class HFSampler:
             )
             tokens_RT[active, step] = tokens_B
             logprobs_RT[active, step] = logprobs_B
+            if on_tokens is not None:
+                on_tokens(active.tolist(), tokens_B.tolist())
 
             code_B = torch.zeros_like(tokens_B)
             if stop_strings is not None:

@@ -10,17 +10,11 @@ DIR/sentences/prompts-{train,eval}.jsonl  prompts alone (examples/rlhf.yaml)
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
-from posttrain.files import write_atomic
+from posttrain.files import write_jsonl_atomic
 from posttrain.tasks import arithmetic, sentences
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    return write_atomic(path, lambda f: f.write(data))
 
 
 def more_a_rankings(count: int, seed: int = 0) -> list[dict]:
@@ -44,9 +38,9 @@ def write_demo_data(out: Path, seed: int = 0) -> list[Path]:
     return [
         arithmetic.write_jsonl(train, out / "arithmetic" / "train.jsonl"),
         arithmetic.write_jsonl(held_out, out / "arithmetic" / "eval.jsonl"),
-        _write(out / "rankings.jsonl", more_a_rankings(1200, seed)),
-        _write(out / "sentences" / "sft-train.jsonl", sft_train),
-        _write(out / "sentences" / "sft-eval.jsonl", sft_eval),
-        _write(out / "sentences" / "prompts-train.jsonl", prompts(sentences.make("train", 4000, seed + 1))),
-        _write(out / "sentences" / "prompts-eval.jsonl", prompts(sentences.make("eval", 200, seed + 1))),
+        write_jsonl_atomic(out / "rankings.jsonl", more_a_rankings(1200, seed)),
+        write_jsonl_atomic(out / "sentences" / "sft-train.jsonl", sft_train),
+        write_jsonl_atomic(out / "sentences" / "sft-eval.jsonl", sft_eval),
+        write_jsonl_atomic(out / "sentences" / "prompts-train.jsonl", prompts(sentences.make("train", 4000, seed + 1))),
+        write_jsonl_atomic(out / "sentences" / "prompts-eval.jsonl", prompts(sentences.make("eval", 200, seed + 1))),
     ]  # fmt: skip

@@ -33,9 +33,9 @@ SHORT = [
 MODELS = ("base", "sft", "ppo", "dpo", "grpo")
 
 
-def posttrain(*args: str, check: bool = True, **popen) -> subprocess.CompletedProcess:
+def posttrain(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "posttrain.cli", *args]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, **popen)
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -80,9 +80,10 @@ def test_quickstart_writes_a_report_with_every_stage(quickstart):
     pair = json.loads((out / "data" / "pairs.jsonl").read_text().splitlines()[0])
     assert pair["chosen"] != pair["rejected"]
     assert json.loads((out / "ppo" / "summary.json").read_text())["eval_after"]
-    # the summary table printed at the end names every model
-    for name in MODELS:
-        assert f"│ {name:>5} │" in stdout or f"{name} " in stdout
+    # the summary table printed at the end has a row of numbers for every model
+    table = [line for line in stdout.splitlines() if line.startswith("│")]
+    assert [line.split("│")[1].strip() for line in table] == list(MODELS)
+    assert all(len(line.split("│")) == 8 for line in table)
 
 
 def test_the_report_opens_in_a_browser_with_every_plot_and_number(quickstart):
@@ -165,13 +166,16 @@ def test_interrupted_pipeline_skips_finished_stages_and_resumes_the_killed_one(t
     # A rerun of a finished pipeline trains nothing and writes the report again.
     again = posttrain(*args)
     assert all(f"{s}: finished earlier" in again.stdout for s in ("sft", "ppo", "grpo"))
+    # Other settings for a finished stage (here the reward model's): refused, naming the key.
+    changed = posttrain(*args, "rm.optim.lr=0.1", check=False)
+    assert changed.returncode != 0 and "'rm'" in changed.stderr and "rm.optim.lr" in changed.stderr
 
 
 @pytest.mark.slow
 def test_the_full_quickstart_improves_every_stage_on_held_out_prompts(tmp_path):
     """docs/pipeline.md's table: `posttrain quickstart` with every default (~4 minutes)."""
     out = tmp_path / "quickstart"
-    posttrain("quickstart", f"out_dir={out}")
+    posttrain("quickstart", f"out_dir={out}", timeout=1800)
     report = json.loads((out / "report.json").read_text())
     stages, held_out = report["stages"], report["evaluation"]
     assert 0.65 < stages["label"]["annotator_agreement"] < 0.85  # a noisy annotator
@@ -182,3 +186,27 @@ def test_the_full_quickstart_improves_every_stage_on_held_out_prompts(tmp_path):
         assert held_out[name]["accuracy"] > sft["accuracy"] + 0.3, (name, held_out[name], sft)
         assert held_out[name]["proxy"] > sft["proxy"] + 0.5, (name, held_out[name], sft)
     assert 2.0 < held_out["ppo"]["kl"] < 15.0  # adaptive beta toward 6 nats
+
+
+def test_the_pipeline_annotator_is_a_pairwise_judge_in_both_orders():
+    from posttrain.recipes.pipeline import PipelineConfig
+
+    with pytest.raises(ValueError, match="pairwise judge asked in both orders"):
+        PipelineConfig.model_validate({"annotator": {"judge": {"kind": "pointwise"}}})
+    with pytest.raises(ValueError, match="pairwise judge asked in both orders"):
+        PipelineConfig.model_validate({"annotator": {"judge": {"both_orders": False}}})
+
+
+def test_the_annotator_can_be_an_ai_judge(tmp_path):
+    """RLAIF in the pipeline: a position-biased judge over HTTP ranks the responses (both
+    orders), and the rankings it writes agree with the gold rule more often than not."""
+    from posttrain.judges.scripted import ScriptedJudge, serve_scripted
+
+    judge = ScriptedJudge(noise=0.2, position_bias=0.3, seed=5)
+    out = tmp_path / "run"
+    with serve_scripted(judge) as url:
+        posttrain("pipeline", f"out_dir={out}", *SHORT, "stages=[sft,label]",
+                  f"annotator.judge.base_url={url}", "annotator.judge.backoff_s=0")  # fmt: skip
+    label = json.loads((out / "stages" / "label.json").read_text())
+    assert label["rankings"] > 10 and label["judge"]["asked"] == judge.requests["pairwise"]
+    assert 0.4 < label["order_agreement"] < 0.95 and label["annotator_agreement"] > 0.6

@@ -406,6 +406,28 @@ def test_stop_strings_cut_the_text_right_before_the_stop_string() -> None:
     assert stop not in out.text and (out.text + stop) in free.completions[0].text
 
 
+def test_on_tokens_sees_every_sampled_token_of_every_row_as_it_is_decoded() -> None:
+    """What a streaming server forwards: per step, the running rows and their new tokens; joined
+    per row they are the completions' token ids, finished rows dropping out."""
+    model, tokenizer = tiny(seed=1).eval(), build_tokenizer()
+    prompts = ragged_prompts([3, 7, 5])
+    params = SamplingParams(
+        n=2, max_new_tokens=12, temperature=1.0, seed=0, stop_token_ids=(ord("e"),)
+    )
+    steps: list[tuple[list[int], list[int]]] = []
+    batch = HFSampler(model, tokenizer).generate(
+        prompts, params, on_tokens=lambda r, t: steps.append((r, t))
+    )
+    seen: dict[int, list[int]] = {}
+    for rows, tokens in steps:
+        assert len(rows) == len(tokens) and len(set(rows)) == len(rows)
+        for row, token in zip(rows, tokens, strict=True):
+            seen.setdefault(row, []).append(token)
+    assert [seen[r] for r in range(6)] == [c.token_ids for c in batch.completions]
+    assert len(steps) == max(len(c.token_ids) for c in batch.completions)
+    assert HFSampler(model, tokenizer).generate(prompts, params).completions == batch.completions
+
+
 def test_finish_reasons_eos_stop_token_and_length_and_their_text() -> None:
     model, tokenizer = tiny().eval(), build_tokenizer()
     prompts = ragged_prompts()
