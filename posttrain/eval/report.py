@@ -59,20 +59,23 @@ def evaluate_stages(p: Pipeline) -> dict[str, dict[str, Any]]:
     tokenizer = load_tokenizer(str(next(iter(models.values()))))
     data = PromptDataConfig.model_validate({**p._prompt_data(), "train_size": 1})
     chat = uses_chat_template(tokenizer, cfg.data.chat_template)
-    _, prompts = load_prompts(data, tokenizer, chat=chat, max_prompt_length=data.max_prompt_length,
-                              seed=cfg.seed)  # fmt: skip
+    _, prompts = load_prompts(
+        data, tokenizer, chat=chat, max_prompt_length=data.max_prompt_length, seed=cfg.seed
+    )
     gold, verifier = build_composite(p.gold_specs()), build_composite(cfg.verifier)
     proxy = None
     if (p.model("rm") / "config.json").exists():
         from posttrain.rewards.reward_model import RewardModelScorer
 
-        proxy = RewardModelScorer(str(p.model("rm")), device=device,
-                                  chat_template=cfg.data.chat_template)  # fmt: skip
+        proxy = RewardModelScorer(
+            str(p.model("rm")), device=device, chat_template=cfg.data.chat_template
+        )
     reference = load_causal_lm(str(models["sft"]), device) if "sft" in models else None
     params = SamplingParams(
-        max_new_tokens=cfg.report.max_new_tokens, temperature=cfg.report.temperature,
+        max_new_tokens=cfg.report.max_new_tokens,
+        temperature=cfg.report.temperature,
         seed=cfg.seed,
-    )  # fmt: skip
+    )
     results: dict[str, dict[str, Any]] = {}
     for name, path in models.items():
         model = load_causal_lm(str(path), device)
@@ -136,8 +139,11 @@ def plot_stages(evaluation: dict[str, dict], path: Path) -> Path:
     score of its held-out samples."""
     plt = _plt()
     keys = [k for k in ("gold", "accuracy", "proxy") if any(k in r for r in evaluation.values())]
-    titles = {"gold": "gold score (mean)", "accuracy": "verifier accuracy",
-              "proxy": "reward-model score (mean)"}  # fmt: skip
+    titles = {
+        "gold": "gold score (mean)",
+        "accuracy": "verifier accuracy",
+        "proxy": "reward-model score (mean)",
+    }
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     names = list(evaluation)
     for ax, key in zip(axes[0], keys, strict=True):
@@ -174,16 +180,31 @@ def plot_proxy_vs_gold(p: Pipeline, evaluation: dict[str, dict], path: Path) -> 
         kl = {m["step"]: m["kl"] for m in metrics if "kl" in m}
         evals = [m for m in metrics if "eval/gold" in m]
         xs = [kl.get(m["step"], 0.0) for m in evals]
-        axes[0].plot(xs, [m["eval/reward"] for m in evals], color="#dd8452", alpha=0.6,
-                     label="PPO during training")  # fmt: skip
-        axes[1].plot(xs, [m["eval/gold"] for m in evals], color="#dd8452", alpha=0.6,
-                     label="PPO during training")  # fmt: skip
+        axes[0].plot(
+            xs,
+            [m["eval/reward"] for m in evals],
+            color="#dd8452",
+            alpha=0.6,
+            label="PPO during training",
+        )
+        axes[1].plot(
+            xs,
+            [m["eval/gold"] for m in evals],
+            color="#dd8452",
+            alpha=0.6,
+            label="PPO during training",
+        )
     for name, row in points.items():
         for ax, key in zip(axes, ("proxy", "gold"), strict=True):
             if key in row:
                 ax.scatter([row["kl"]], [row[key]], s=40, zorder=3)
-                ax.annotate(name, (row["kl"], row[key]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=9)  # fmt: skip
+                ax.annotate(
+                    name,
+                    (row["kl"], row[key]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=9,
+                )
     for ax, title in zip(axes, ("proxy: reward-model score", "gold score"), strict=True):
         ax.set_xlabel("KL(policy || SFT), nats per completion")
         ax.set_title(title)
@@ -234,9 +255,14 @@ def write_report(p: Pipeline, report: dict) -> Path:
         if png is not None:
             figures.append((f"{stage}: training curves", png))
 
-    columns = {"gold": ("gold score", "{:.3f}"), "accuracy": ("verifier accuracy", "{:.1%}"),
-               "proxy": ("reward-model score", "{:.3f}"), "kl": ("KL to SFT", "{:.2f}"),
-               "length": ("tokens", "{:.1f}"), "distinct_2": ("distinct-2", "{:.3f}")}  # fmt: skip
+    columns = {
+        "gold": ("gold score", "{:.3f}"),
+        "accuracy": ("verifier accuracy", "{:.1%}"),
+        "proxy": ("reward-model score", "{:.3f}"),
+        "kl": ("KL to SFT", "{:.2f}"),
+        "length": ("tokens", "{:.1f}"),
+        "distinct_2": ("distinct-2", "{:.3f}"),
+    }
     heads = [head for head, _ in columns.values()]
     rows = "".join(
         f"<tr><th>{e(name)}</th>"
@@ -296,13 +322,24 @@ def print_summary(p: Pipeline, report: dict) -> None:
     from rich.table import Table
 
     table = Table(title="held-out prompts, every stage")
-    for column in ("model", "gold score", "verifier accuracy", "RM score", "KL to SFT",
-                   "distinct-2"):  # fmt: skip
+    for column in (
+        "model",
+        "gold score",
+        "verifier accuracy",
+        "RM score",
+        "KL to SFT",
+        "distinct-2",
+    ):
         table.add_column(column, justify="right")
     for name, r in report["evaluation"].items():
-        table.add_row(name, _num(r.get("gold")), _num(r.get("accuracy"), "{:.1%}"),
-                      _num(r.get("proxy")), _num(r.get("kl"), "{:.2f}"),
-                      _num(r.get("distinct_2")))  # fmt: skip
+        table.add_row(
+            name,
+            _num(r.get("gold")),
+            _num(r.get("accuracy"), "{:.1%}"),
+            _num(r.get("proxy")),
+            _num(r.get("kl"), "{:.2f}"),
+            _num(r.get("distinct_2")),
+        )
     console = Console()
     console.print(table)
     console.print(f"report: {p.out / 'report.html'} ({report['seconds']:.0f} s)")

@@ -97,18 +97,29 @@ def build_client(cfg: JudgeConfig) -> JudgeClient:
         backend = OpenAIBackend(
             cfg.base_url, cfg.model, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s
         )
-    return JudgeClient(backend, concurrency=cfg.concurrency, retries=cfg.retries,
-                       backoff_s=cfg.backoff_s, cache=cfg.cache or None)  # fmt: skip
+    return JudgeClient(
+        backend,
+        concurrency=cfg.concurrency,
+        retries=cfg.retries,
+        backoff_s=cfg.backoff_s,
+        cache=cfg.cache or None,
+    )
 
 
 def build_judge(cfg: JudgeConfig, client: JudgeClient | None = None):
     client = client or build_client(cfg)
     if cfg.kind == "pairwise":
-        return PairwiseJudge(client, rubric=cfg.rubric, both_orders=cfg.both_orders,
-                             max_tokens=cfg.max_tokens)  # fmt: skip
+        return PairwiseJudge(
+            client, rubric=cfg.rubric, both_orders=cfg.both_orders, max_tokens=cfg.max_tokens
+        )
     if cfg.kind == "pointwise":
-        return PointwiseJudge(client, rubric=cfg.rubric, low=cfg.scale[0], high=cfg.scale[1],
-                              max_tokens=cfg.max_tokens)  # fmt: skip
+        return PointwiseJudge(
+            client,
+            rubric=cfg.rubric,
+            low=cfg.scale[0],
+            high=cfg.scale[1],
+            max_tokens=cfg.max_tokens,
+        )
     if cfg.kind == "rules":
         return RuleJudge(client, cfg.propositions)
     return ConstitutionalReviser(client, cfg.principles or DEFAULT_PRINCIPLES, cfg.max_tokens)
@@ -125,7 +136,9 @@ class JudgeReward:
         except ValidationError as error:
             raise ValueError(f"judge options: {config_errors(JudgeConfig, error)}") from None
         if self.cfg.kind == "constitutional":
-            raise ValueError("judge: kind 'constitutional' makes preference pairs (posttrain label), not rewards")  # fmt: skip
+            raise ValueError(
+                "judge: kind 'constitutional' makes preference pairs (posttrain label), not rewards"
+            )
         self.judge = build_judge(self.cfg)
         self.client: JudgeClient = self.judge.client
 
@@ -142,7 +155,9 @@ class JudgeReward:
         elif isinstance(self.judge, RuleJudge):
             graded = self.judge.grade(prompts, completions)
             scores = self.judge.score(graded)
-            components = {k: [float("nan") if v is None else v for v in vs] for k, vs in graded.items()}  # fmt: skip
+            components = {
+                k: [float("nan") if v is None else v for v in vs] for k, vs in graded.items()
+            }
         else:
             scores, results = self._win_rates(prompts, completions, fields.get("reference"))
             checked = [r.consistent for r in results if r.consistent is not None]
@@ -153,9 +168,11 @@ class JudgeReward:
             metrics[f"judge/{key}"] = float(self.client.stats[key] - before.get(key, 0))
         skipped = [s is None for s in scores]
         return RewardOutput(
-            [0.0 if s is None else float(s) for s in scores], components=components,
-            skipped=skipped if any(skipped) else None, metrics=metrics,
-        )  # fmt: skip
+            [0.0 if s is None else float(s) for s in scores],
+            components=components,
+            skipped=skipped if any(skipped) else None,
+            metrics=metrics,
+        )
 
     def _win_rates(
         self, prompts: Sequence[Any], completions: Sequence[str], references: Sequence[Any] | None
@@ -185,8 +202,22 @@ class JudgeReward:
 
 
 __all__ = [
-    "ChatBackend", "Comparison", "ConstitutionalReviser", "JudgeClient", "JudgeConfig",
-    "JudgeReward", "LocalBackend", "OpenAIBackend", "PairwiseJudge", "PointwiseJudge",
-    "Principle", "Proposition", "Question", "Reply", "RuleJudge", "VerdictCache", "build_client",
+    "ChatBackend",
+    "Comparison",
+    "ConstitutionalReviser",
+    "JudgeClient",
+    "JudgeConfig",
+    "JudgeReward",
+    "LocalBackend",
+    "OpenAIBackend",
+    "PairwiseJudge",
+    "PointwiseJudge",
+    "Principle",
+    "Proposition",
+    "Question",
+    "Reply",
+    "RuleJudge",
+    "VerdictCache",
+    "build_client",
     "build_judge",
-]  # fmt: skip
+]

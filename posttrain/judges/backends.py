@@ -56,9 +56,11 @@ class OpenAIBackend:
                 raise JudgeSetupError(f"judge: api_key_env names {api_key_env!r}, which is not set")
         self.name, self.model, self.base_url = f"openai:{base_url}:{model}", model, base_url
         self.permanent = (
-            openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError,
+            openai.AuthenticationError,
+            openai.PermissionDeniedError,
+            openai.NotFoundError,
             openai.BadRequestError,
-        )  # fmt: skip
+        )
         self.client = openai.OpenAI(
             base_url=base_url, api_key=key, timeout=timeout_s, max_retries=0
         )
@@ -69,9 +71,12 @@ class OpenAIBackend:
         extra = {"logprobs": True, "top_logprobs": top_logprobs} if top_logprobs else {}
         try:
             response = self.client.chat.completions.create(
-                model=self.model, messages=messages, max_tokens=max_tokens,
-                temperature=temperature, **extra,
-            )  # fmt: skip
+                model=self.model,
+                messages=messages,
+                max_tokens=max_tokens,
+                temperature=temperature,
+                **extra,
+            )
         except self.permanent as error:
             raise JudgeSetupError(
                 f"judge at {self.base_url} (model {self.model!r}) refused the request: {error}"
@@ -119,7 +124,9 @@ class LocalBackend:
         from posttrain.rollout import SamplingParams
 
         if self.tokenizer.chat_template:
-            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)  # fmt: skip
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
         else:
             text = "\n\n".join(m["content"] for m in messages)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -131,5 +138,8 @@ class LocalBackend:
                 device = next(self.model.parameters()).device
                 logits = self.model(torch.tensor([ids], device=device)).logits[0, -1].float()
             values, tokens = logits.log_softmax(-1).topk(top_logprobs)
-            first = {self.tokenizer.decode([t]): float(v) for t, v in zip(tokens.tolist(), values, strict=True)}  # fmt: skip
+            first = {
+                self.tokenizer.decode([t]): float(v)
+                for t, v in zip(tokens.tolist(), values, strict=True)
+            }
         return Reply(text, first)

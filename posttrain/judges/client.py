@@ -75,9 +75,15 @@ class JudgeClient:
     without a verdict after every retry)."""
 
     def __init__(
-        self, backend: ChatBackend, *, concurrency: int = 8, retries: int = 3,
-        backoff_s: float = 0.5, retry_temperature: float = 0.7, cache: str | Path | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        backend: ChatBackend,
+        *,
+        concurrency: int = 8,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        retry_temperature: float = 0.7,
+        cache: str | Path | None = None,
+    ) -> None:
         self.backend, self.concurrency = backend, concurrency
         self.retry_temperature = retry_temperature
         self.retries, self.backoff_s = retries, backoff_s
@@ -98,7 +104,9 @@ class JudgeClient:
             return self.stats[key]
 
     def _key(self, q: Question[Any]) -> str:
-        blob = json.dumps([self.backend.name, q.messages, q.max_tokens, q.temperature, q.top_logprobs])  # fmt: skip
+        blob = json.dumps(
+            [self.backend.name, q.messages, q.max_tokens, q.temperature, q.top_logprobs]
+        )
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def _answer(self, q: Question[T]) -> T | None:
@@ -115,19 +123,28 @@ class JudgeClient:
             self._count("asked")
             try:
                 reply = self.backend.chat(
-                    q.messages, max_tokens=q.max_tokens, temperature=temperature,
+                    q.messages,
+                    max_tokens=q.max_tokens,
+                    temperature=temperature,
                     top_logprobs=q.top_logprobs,
-                )  # fmt: skip
+                )
             except JudgeSetupError:
                 raise
             except Exception as error:  # HTTP 5xx and 429, timeouts, refused connections
                 if self._count("errors") == 1:
-                    log.warning("judge %s: %s: %s (retrying)", self.backend.name, type(error).__name__, error)  # fmt: skip
+                    log.warning(
+                        "judge %s: %s: %s (retrying)",
+                        self.backend.name,
+                        type(error).__name__,
+                        error,
+                    )
                 continue
             verdict = q.parse(reply)
             if verdict is None:
                 if self._count("malformed") == 1:
-                    log.warning("judge %s: a reply without a verdict: %.200r", self.backend.name, reply.text)  # fmt: skip
+                    log.warning(
+                        "judge %s: a reply without a verdict: %.200r", self.backend.name, reply.text
+                    )
                 temperature = max(temperature, self.retry_temperature)
                 continue
             if self.cache is not None:

@@ -140,16 +140,25 @@ class PairwiseJudge:
     """A vs B under a rubric; with `both_orders`, each pair is also asked swapped and the two
     verdicts averaged, which cancels a judge's position bias (Zheng et al. 2023, Sec. 3.4)."""
 
-    def __init__(self, client: JudgeClient, *, rubric: str = DEFAULT_RUBRIC,
-                 both_orders: bool = True, max_tokens: int = 512) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client: JudgeClient,
+        *,
+        rubric: str = DEFAULT_RUBRIC,
+        both_orders: bool = True,
+        max_tokens: int = 512,
+    ) -> None:
         self.client, self.rubric = client, rubric
         self.both_orders, self.max_tokens = both_orders, max_tokens
 
     def question(self, prompt: Any, a: str, b: str) -> Question[float]:
         messages: Messages = [
             {"role": "system", "content": PAIRWISE_SYSTEM.format(rubric=self.rubric)},
-            {"role": "user", "content": PAIRWISE_USER.format(prompt=as_text(prompt), a=quote(a), b=quote(b))},
-        ]  # fmt: skip
+            {
+                "role": "user",
+                "content": PAIRWISE_USER.format(prompt=as_text(prompt), a=quote(a), b=quote(b)),
+            },
+        ]
         return Question(messages, parse_pairwise, max_tokens=self.max_tokens)
 
     def compare(
@@ -190,22 +199,41 @@ def win_rates(
 class PointwiseJudge:
     """A score on `low`..`high` under a rubric (MT-Bench's single-answer grading)."""
 
-    def __init__(self, client: JudgeClient, *, rubric: str = DEFAULT_RUBRIC, low: float = 1,
-                 high: float = 10, max_tokens: int = 512) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client: JudgeClient,
+        *,
+        rubric: str = DEFAULT_RUBRIC,
+        low: float = 1,
+        high: float = 10,
+        max_tokens: int = 512,
+    ) -> None:
         if not low < high:
             raise ValueError(f"scale: expected low < high, got {low}..{high}")
         self.client, self.rubric, self.low, self.high = client, rubric, low, high
         self.max_tokens = max_tokens
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float | None]:
-        system = POINTWISE_SYSTEM.format(rubric=self.rubric, low=f"{self.low:g}", high=f"{self.high:g}")  # fmt: skip
+        system = POINTWISE_SYSTEM.format(
+            rubric=self.rubric, low=f"{self.low:g}", high=f"{self.high:g}"
+        )
         parse = rating_parser(self.low, self.high)
-        return self.client.ask([
-            Question([{"role": "system", "content": system},
-                      {"role": "user", "content": POINTWISE_USER.format(prompt=as_text(p), response=quote(r))}],
-                     parse, max_tokens=self.max_tokens)
-            for p, r in zip(prompts, responses, strict=True)
-        ])  # fmt: skip
+        return self.client.ask(
+            [
+                Question(
+                    [
+                        {"role": "system", "content": system},
+                        {
+                            "role": "user",
+                            "content": POINTWISE_USER.format(prompt=as_text(p), response=quote(r)),
+                        },
+                    ],
+                    parse,
+                    max_tokens=self.max_tokens,
+                )
+                for p, r in zip(prompts, responses, strict=True)
+            ]
+        )
 
 
 @dataclass(frozen=True)
@@ -232,11 +260,22 @@ class RuleJudge:
         """P(yes) of every proposition (by name) for every response."""
         pairs = list(zip(prompts, responses, strict=True))
         questions = [
-            Question([{"role": "user", "content": PROPOSITION_USER.format(
-                prompt=as_text(p), response=quote(r), proposition=prop.text)}],
-                parse_yes_probability, max_tokens=4, top_logprobs=5)
-            for prop in self.propositions for p, r in pairs
-        ]  # fmt: skip
+            Question(
+                [
+                    {
+                        "role": "user",
+                        "content": PROPOSITION_USER.format(
+                            prompt=as_text(p), response=quote(r), proposition=prop.text
+                        ),
+                    }
+                ],
+                parse_yes_probability,
+                max_tokens=4,
+                top_logprobs=5,
+            )
+            for prop in self.propositions
+            for p, r in pairs
+        ]
         answers = self.client.ask(questions)
         n = len(pairs)
         return {prop.name: answers[k * n : (k + 1) * n] for k, prop in enumerate(self.propositions)}
@@ -245,10 +284,11 @@ class RuleJudge:
         """sum_k weight_k * P(yes_k) per response; None where a proposition has no verdict."""
         count = len(next(iter(graded.values())))
         return [
-            None if any(graded[p.name][i] is None for p in self.propositions)
+            None
+            if any(graded[p.name][i] is None for p in self.propositions)
             else sum(p.weight * graded[p.name][i] for p in self.propositions)
             for i in range(count)
-        ]  # fmt: skip
+        ]
 
 
 @dataclass(frozen=True)
@@ -280,8 +320,12 @@ class ConstitutionalReviser:
     """Critique-and-revise: for each response, the judge critiques it under a principle (taken
     in turn), then rewrites it; the pair (revision chosen over original) is a preference."""
 
-    def __init__(self, client: JudgeClient, principles: Sequence[Principle] = DEFAULT_PRINCIPLES,
-                 max_tokens: int = 512) -> None:  # fmt: skip
+    def __init__(
+        self,
+        client: JudgeClient,
+        principles: Sequence[Principle] = DEFAULT_PRINCIPLES,
+        max_tokens: int = 512,
+    ) -> None:
         if not principles:
             raise ValueError("principles: expected at least one")
         self.client, self.principles, self.max_tokens = client, list(principles), max_tokens
@@ -300,25 +344,46 @@ class ConstitutionalReviser:
                 {"role": "assistant", "content": quote(r)},
             ]
 
-        critiques = self.client.ask([
-            Question(dialogue(p, r) + [{"role": "user", "content": f"CritiqueRequest: {rule.critique}"}],
-                     _text, max_tokens=self.max_tokens)
-            for p, r, rule in asked
-        ])  # fmt: skip
+        critiques = self.client.ask(
+            [
+                Question(
+                    dialogue(p, r)
+                    + [{"role": "user", "content": f"CritiqueRequest: {rule.critique}"}],
+                    _text,
+                    max_tokens=self.max_tokens,
+                )
+                for p, r, rule in asked
+            ]
+        )
         todo = [(i, c) for i, c in enumerate(critiques) if c is not None]
-        revisions = self.client.ask([
-            Question(dialogue(asked[i][0], asked[i][1]) + [
-                {"role": "user", "content": f"CritiqueRequest: {asked[i][2].critique}"},
-                {"role": "assistant", "content": critique},
-                {"role": "user", "content": f"RevisionRequest: {asked[i][2].revision} "
-                                            "Reply with the revised response only."},
-            ], _text, max_tokens=self.max_tokens)
-            for i, critique in todo
-        ])  # fmt: skip
+        revisions = self.client.ask(
+            [
+                Question(
+                    dialogue(asked[i][0], asked[i][1])
+                    + [
+                        {"role": "user", "content": f"CritiqueRequest: {asked[i][2].critique}"},
+                        {"role": "assistant", "content": critique},
+                        {
+                            "role": "user",
+                            "content": f"RevisionRequest: {asked[i][2].revision} "
+                            "Reply with the revised response only.",
+                        },
+                    ],
+                    _text,
+                    max_tokens=self.max_tokens,
+                )
+                for i, critique in todo
+            ]
+        )
         out: list[dict | None] = [None] * len(asked)
         for (i, critique), revision in zip(todo, revisions, strict=True):
             p, r, rule = asked[i]
             if revision is not None and revision != r.strip():
-                out[i] = {"prompt": p, "chosen": revision, "rejected": r, "critique": critique,
-                          "principle": rule.critique}  # fmt: skip
+                out[i] = {
+                    "prompt": p,
+                    "chosen": revision,
+                    "rejected": r,
+                    "critique": critique,
+                    "principle": rule.critique,
+                }
         return out

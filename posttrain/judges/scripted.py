@@ -29,12 +29,14 @@ from typing import Any
 _PAIR = re.compile(
     r"\[User Question\]\n(?P<prompt>.*)\n\n\[The Start of Assistant A's Answer\]\n(?P<a>.*)\n"
     r"\[The End of Assistant A's Answer\]\n\n\[The Start of Assistant B's Answer\]\n(?P<b>.*)\n"
-    r"\[The End of Assistant B's Answer\]", re.S,
-)  # fmt: skip
+    r"\[The End of Assistant B's Answer\]",
+    re.S,
+)
 _SINGLE = re.compile(
     r"\[Question\]\n(?P<prompt>.*)\n\n\[The Start of Assistant's Answer\]\n(?P<response>.*)\n"
-    r"\[The End of Assistant's Answer\]", re.S,
-)  # fmt: skip
+    r"\[The End of Assistant's Answer\]",
+    re.S,
+)
 _SCALE = re.compile(r"scale of (-?[\d.]+) to (-?[\d.]+)")
 
 
@@ -159,8 +161,13 @@ def _handler(judge: ScriptedJudge) -> type[BaseHTTPRequestHandler]:
             self.wfile.write(data)
 
         def do_GET(self) -> None:
-            self._send(200, {"object": "list", "data": [{"id": "scripted", "object": "model",
-                                                          "owned_by": "posttrain"}]})  # fmt: skip
+            self._send(
+                200,
+                {
+                    "object": "list",
+                    "data": [{"id": "scripted", "object": "model", "owned_by": "posttrain"}],
+                },
+            )
 
         def do_POST(self) -> None:
             request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -171,15 +178,34 @@ def _handler(judge: ScriptedJudge) -> type[BaseHTTPRequestHandler]:
             logprobs = None
             if first is not None and request.get("logprobs"):
                 top = [{"token": t, "logprob": lp, "bytes": None} for t, lp in first.items()]
-                logprobs = {"content": [{"token": text, "logprob": first.get(text, 0.0),
-                                         "bytes": None, "top_logprobs": top}]}  # fmt: skip
-            self._send(200, {
-                "id": "scripted", "object": "chat.completion", "created": int(time.time()),
-                "model": request.get("model", "scripted"),
-                "choices": [{"index": 0, "finish_reason": "stop", "logprobs": logprobs,
-                             "message": {"role": "assistant", "content": text}}],
-                "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
-            })  # fmt: skip
+                logprobs = {
+                    "content": [
+                        {
+                            "token": text,
+                            "logprob": first.get(text, 0.0),
+                            "bytes": None,
+                            "top_logprobs": top,
+                        }
+                    ]
+                }
+            self._send(
+                200,
+                {
+                    "id": "scripted",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": request.get("model", "scripted"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "logprobs": logprobs,
+                            "message": {"role": "assistant", "content": text},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                },
+            )
 
     return Handler
 

@@ -64,8 +64,13 @@ def run(cfg: LabelConfig) -> dict:
     judge = build_judge(cfg.judge)  # a config error shows before minutes of sampling
     tokenizer = load_tokenizer(cfg.model.path)
     chat = uses_chat_template(tokenizer, cfg.data.chat_template)
-    prompts, _ = load_prompts(cfg.data, tokenizer, chat=chat,
-                              max_prompt_length=cfg.data.max_prompt_length, seed=cfg.run.seed)  # fmt: skip
+    prompts, _ = load_prompts(
+        cfg.data,
+        tokenizer,
+        chat=chat,
+        max_prompt_length=cfg.data.max_prompt_length,
+        seed=cfg.run.seed,
+    )
     model = load_causal_lm(cfg.model.path, pick_device(cfg.run.device))
     sampler = HFSampler(model, tokenizer, seed=cfg.run.seed)
     groups: list[tuple[Any, list[str]]] = []
@@ -74,7 +79,9 @@ def run(cfg: LabelConfig) -> dict:
         with torch.inference_mode():
             rollouts = sample(sampler, prompts[start : start + 64], params)
         for i in range(0, len(rollouts), cfg.responses):
-            texts = list(dict.fromkeys(r.text for r in rollouts[i : i + cfg.responses] if r.text.strip()))  # fmt: skip
+            texts = list(
+                dict.fromkeys(r.text for r in rollouts[i : i + cfg.responses] if r.text.strip())
+            )
             groups.append((rollouts[i].prompt.text, texts))
     del model, sampler
 
@@ -84,8 +91,13 @@ def run(cfg: LabelConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl_atomic(out / f"{name}.jsonl", rows)
     write_jsonl_atomic(out / "verdicts.jsonl", verdicts)
-    summary |= {"prompts": len(groups), name: len(rows), "file": str(out / f"{name}.jsonl"),
-                "judge": dict(judge.client.stats), "seconds": round(time.time() - began, 1)}  # fmt: skip
+    summary |= {
+        "prompts": len(groups),
+        name: len(rows),
+        "file": str(out / f"{name}.jsonl"),
+        "judge": dict(judge.client.stats),
+        "seconds": round(time.time() - began, 1),
+    }
     write_json_atomic(out / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     return summary
@@ -104,24 +116,43 @@ def judge_groups(
         flat = [(g, p, r) for g, (p, texts) in enumerate(groups) for r in texts]
         revised = judge.revise([p for _, p, _ in flat], [r for *_, r in flat])
         rows = [(g, row) for (g, *_), row in zip(flat, revised, strict=True) if row is not None]
-        return rows, [row for _, row in rows], {"revised": len(rows), "not_revised": len(flat) - len(rows)}  # fmt: skip
+        return (
+            rows,
+            [row for _, row in rows],
+            {"revised": len(rows), "not_revised": len(flat) - len(rows)},
+        )
     flat = [(g, i) for g, (_, texts) in enumerate(groups) for i in range(len(texts))]
     index = {key: n for n, key in enumerate(flat)}
     prompts = [groups[g][0] for g, _ in flat]
     responses = [groups[g][1][i] for g, i in flat]
     if kind == "pairwise":
-        pairs = [(index[g, i], index[g, j]) for g, (_, texts) in enumerate(groups)
-                 for i, j in combinations(range(len(texts)), 2)]  # fmt: skip
-        results = judge.compare([prompts[a] for a, _ in pairs], [responses[a] for a, _ in pairs],
-                                [responses[b] for _, b in pairs])  # fmt: skip
+        pairs = [
+            (index[g, i], index[g, j])
+            for g, (_, texts) in enumerate(groups)
+            for i, j in combinations(range(len(texts)), 2)
+        ]
+        results = judge.compare(
+            [prompts[a] for a, _ in pairs],
+            [responses[a] for a, _ in pairs],
+            [responses[b] for _, b in pairs],
+        )
         values = win_rates(pairs, results, len(flat))
         # each verdict that is no tie is a pair, the winner chosen
-        decided = [(a, b) if r.p_first > 0.5 else (b, a)
-                   for (a, b), r in zip(pairs, results, strict=True)
-                   if r.p_first is not None and r.p_first != 0.5]  # fmt: skip
-        verdicts = [{"prompt": prompts[a], "a": responses[a], "b": responses[b],
-                     "p_a": r.p_first, "verdicts": list(r.verdicts)}
-                    for (a, b), r in zip(pairs, results, strict=True)]  # fmt: skip
+        decided = [
+            (a, b) if r.p_first > 0.5 else (b, a)
+            for (a, b), r in zip(pairs, results, strict=True)
+            if r.p_first is not None and r.p_first != 0.5
+        ]
+        verdicts = [
+            {
+                "prompt": prompts[a],
+                "a": responses[a],
+                "b": responses[b],
+                "p_a": r.p_first,
+                "verdicts": list(r.verdicts),
+            }
+            for (a, b), r in zip(pairs, results, strict=True)
+        ]
         checked = [r.consistent for r in results if r.consistent is not None]
         summary = {
             "comparisons": len(pairs),
@@ -131,28 +162,44 @@ def judge_groups(
             "order_agreement": sum(checked) / len(checked) if checked else None,
         }
     else:
-        values = judge.score(prompts, responses) if kind == "pointwise" else judge.score(judge.grade(prompts, responses))  # fmt: skip
-        verdicts = [{"prompt": p, "response": r, "score": v}
-                    for p, r, v in zip(prompts, responses, values, strict=True)]  # fmt: skip
-        summary = {"scored": sum(v is not None for v in values), "no_verdict": sum(v is None for v in values)}  # fmt: skip
-        decided = [(index[g, a], index[g, b]) for g, (_, texts) in enumerate(groups)
-                   for a, b in permutations(range(len(texts)), 2)
-                   if None not in (values[index[g, a]], values[index[g, b]])
-                   and values[index[g, a]] > values[index[g, b]]]  # fmt: skip
+        values = (
+            judge.score(prompts, responses)
+            if kind == "pointwise"
+            else judge.score(judge.grade(prompts, responses))
+        )
+        verdicts = [
+            {"prompt": p, "response": r, "score": v}
+            for p, r, v in zip(prompts, responses, values, strict=True)
+        ]
+        summary = {
+            "scored": sum(v is not None for v in values),
+            "no_verdict": sum(v is None for v in values),
+        }
+        decided = [
+            (index[g, a], index[g, b])
+            for g, (_, texts) in enumerate(groups)
+            for a, b in permutations(range(len(texts)), 2)
+            if None not in (values[index[g, a]], values[index[g, b]])
+            and values[index[g, a]] > values[index[g, b]]
+        ]
     if all(v is None for v in values):
         raise ValueError(
             f"label: the judge gave no verdict for any of {len(flat)} responses "
             f"({dict(judge.client.stats)}); check judge.base_url, judge.model and the log"
         )
     if output == "pairs":
-        rows = [(flat[a][0], {"prompt": prompts[a], "chosen": responses[a], "rejected": responses[b]})
-                for a, b in decided]  # fmt: skip
+        rows = [
+            (flat[a][0], {"prompt": prompts[a], "chosen": responses[a], "rejected": responses[b]})
+            for a, b in decided
+        ]
         return rows, verdicts, summary
     rows: list[tuple[int, dict]] = []
     for g, (prompt, texts) in enumerate(groups):
-        scored = {i: values[index[g, i]] for i in range(len(texts)) if values[index[g, i]] is not None}  # fmt: skip
+        scored = {
+            i: values[index[g, i]] for i in range(len(texts)) if values[index[g, i]] is not None
+        }
         counts = Counter(scored.values())
-        ranked = sorted((i for i in scored if counts[scored[i]] == 1), key=lambda i: -scored[i])  # fmt: skip
+        ranked = sorted((i for i in scored if counts[scored[i]] == 1), key=lambda i: -scored[i])
         if len(ranked) >= 2:
             rows.append((g, {"prompt": prompt, "responses": [texts[i] for i in ranked]}))
     return rows, verdicts, summary

@@ -172,7 +172,7 @@ class PipelineConfig(Section):
             kl_coef=0.1,
             kl_target=6.0,
             kl_horizon=100,
-        ),  # fmt: skip
+        ),
         critic=CriticSection(optim=OptimConfig(lr=1e-4, warmup_steps=10)),
         optim=OptimConfig(lr=5e-5, warmup_steps=10),
         run=_run(60, eval_every=20, save_every=10),
@@ -252,36 +252,51 @@ class Pipeline:
     def sft_config(self, base: Path) -> SFTConfig:
         train, held_out = self.sft_files()
         return self._wired(
-            self.cfg.sft, "sft", model__path=str(base), data__train=train, data__eval=held_out,
+            self.cfg.sft,
+            "sft",
+            model__path=str(base),
+            data__train=train,
+            data__eval=held_out,
             data__chat_template=self.cfg.data.chat_template,
-        )  # fmt: skip
+        )
 
     def rm_config(self) -> RMConfig:
         return self._wired(
-            self.cfg.rm, "rm", model__path=str(self.model("sft")),
+            self.cfg.rm,
+            "rm",
+            model__path=str(self.model("sft")),
             data__train=str(self.data / "rankings.jsonl"),
             data__chat_template=self.cfg.data.chat_template,
-        )  # fmt: skip
+        )
 
     def ppo_config(self) -> PPOConfig:
         return self._wired(
-            self.cfg.ppo, "ppo", model__path=str(self.model("sft")),
-            reward_model=str(self.model("rm")), rewards=None, gold=self.gold_specs(),
+            self.cfg.ppo,
+            "ppo",
+            model__path=str(self.model("sft")),
+            reward_model=str(self.model("rm")),
+            rewards=None,
+            gold=self.gold_specs(),
             data=self._prompt_data(),
-        )  # fmt: skip
+        )
 
     def dpo_config(self) -> DPOConfig:
         return self._wired(
-            self.cfg.dpo, "dpo", model__path=str(self.model("sft")),
+            self.cfg.dpo,
+            "dpo",
+            model__path=str(self.model("sft")),
             data__train=str(self.data / "pairs.jsonl"),
             data__chat_template=self.cfg.data.chat_template,
-        )  # fmt: skip
+        )
 
     def grpo_config(self) -> GRPOConfig:
         return self._wired(
-            self.cfg.grpo, "grpo", model__path=str(self.model("sft")),
-            rewards=self.cfg.verifier, data=self._prompt_data(),
-        )  # fmt: skip
+            self.cfg.grpo,
+            "grpo",
+            model__path=str(self.model("sft")),
+            rewards=self.cfg.verifier,
+            data=self._prompt_data(),
+        )
 
     def sft_files(self) -> tuple[str, str]:
         d = self.cfg.data
@@ -298,13 +313,23 @@ def stage_sft(p: Pipeline) -> dict:
     cfg = p.cfg
     base = Path(cfg.base.path) if cfg.base.path else p.out / "base"
     if not cfg.base.path and not (base / "config.json").exists():
-        save_tiny(base, "qwen2", "tiny", seed=cfg.seed, hidden_size=128, intermediate_size=352,
-                  num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
+        save_tiny(
+            base,
+            "qwen2",
+            "tiny",
+            seed=cfg.seed,
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+        )
     if not cfg.data.sft_train:
         make = TASKS[cfg.data.task].make
         options = cfg.data.task_options
-        rows = {split: make(split, n, cfg.seed, **options)
-                for split, n in (("train", cfg.data.sft_size), ("eval", 200))}  # fmt: skip
+        rows = {
+            split: make(split, n, cfg.seed, **options)
+            for split, n in (("train", cfg.data.sft_size), ("eval", 200))
+        }
         if not all("completion" in r for r in rows["train"][:1]):
             raise ValueError(
                 f"data.sft_train: not set, and task {cfg.data.task!r} has no demonstrations "
@@ -334,9 +359,13 @@ def stage_label(p: Pipeline) -> dict:
     tokenizer = load_tokenizer(policy)
     data = PromptDataConfig.model_validate({**p._prompt_data(), "eval_size": 0})
     chat = uses_chat_template(tokenizer, cfg.data.chat_template)
-    prompts, _ = load_prompts(data, tokenizer, chat=chat, max_prompt_length=data.max_prompt_length,
-                              seed=cfg.seed)  # fmt: skip
-    prompts = [prompts[i] for i in random.Random(cfg.seed).sample(range(len(prompts)), min(a.prompts, len(prompts)))]  # fmt: skip
+    prompts, _ = load_prompts(
+        data, tokenizer, chat=chat, max_prompt_length=data.max_prompt_length, seed=cfg.seed
+    )
+    prompts = [
+        prompts[i]
+        for i in random.Random(cfg.seed).sample(range(len(prompts)), min(a.prompts, len(prompts)))
+    ]
     sampler = HFSampler(load_causal_lm(policy, pick_device("auto")), tokenizer, seed=cfg.seed)
     gold = build_composite(p.gold_specs())
     groups: list[tuple[Any, dict[str, float]]] = []  # (prompt, {distinct response: gold})
@@ -348,8 +377,11 @@ def stage_label(p: Pipeline) -> dict:
         scores = gold([r.prompt.text for r in rollouts], [r.text for r in rollouts]).scores
         for i, prompt in enumerate(chunk):
             seen: dict[str, float] = {}
-            for r, s in zip(rollouts[i * a.responses : (i + 1) * a.responses],
-                            scores[i * a.responses : (i + 1) * a.responses], strict=True):  # fmt: skip
+            for r, s in zip(
+                rollouts[i * a.responses : (i + 1) * a.responses],
+                scores[i * a.responses : (i + 1) * a.responses],
+                strict=True,
+            ):
                 if r.text.strip() and not math.isnan(s):
                     seen.setdefault(r.text, float(s))
             if len(seen) >= 2:
@@ -359,7 +391,9 @@ def stage_label(p: Pipeline) -> dict:
         # a ranking by the rule needs two responses it tells apart
         groups = [(prompt, seen) for prompt, seen in groups if len(set(seen.values())) >= 2]
         rng = random.Random(cfg.seed + 1)
-        ranked = [[t for t, _ in _plackett_luce(list(seen.items()), a.noise, rng)] for _, seen in groups]  # fmt: skip
+        ranked = [
+            [t for t, _ in _plackett_luce(list(seen.items()), a.noise, rng)] for _, seen in groups
+        ]
         kept = list(range(len(groups)))
     else:
         from posttrain.judges import build_judge
@@ -379,8 +413,13 @@ def stage_label(p: Pipeline) -> dict:
                 if seen[order[x]] != seen[order[y]]:  # the rule tells them apart
                     compared += 1
                     agree += seen[order[x]] > seen[order[y]]
-    rankings = [{"prompt": groups[g][0], "responses": order} for g, order in zip(kept, ranked, strict=True)]  # fmt: skip
-    pairs = [{"prompt": r["prompt"], "chosen": r["responses"][0], "rejected": r["responses"][-1]} for r in rankings]  # fmt: skip
+    rankings = [
+        {"prompt": groups[g][0], "responses": order} for g, order in zip(kept, ranked, strict=True)
+    ]
+    pairs = [
+        {"prompt": r["prompt"], "chosen": r["responses"][0], "rejected": r["responses"][-1]}
+        for r in rankings
+    ]
     if len(rankings) < 10:
         raise ValueError(
             f"label: only {len(rankings)} of {len(prompts)} prompts got a ranking; the SFT "
@@ -388,8 +427,12 @@ def stage_label(p: Pipeline) -> dict:
         )
     write_jsonl_atomic(p.data / "rankings.jsonl", rankings)
     write_jsonl_atomic(p.data / "pairs.jsonl", pairs)
-    return {"rankings": len(rankings), "prompts": len(prompts), "responses": a.responses,
-            "annotator_agreement": agree / max(compared, 1)} | stats  # fmt: skip
+    return {
+        "rankings": len(rankings),
+        "prompts": len(prompts),
+        "responses": a.responses,
+        "annotator_agreement": agree / max(compared, 1),
+    } | stats
 
 
 def _plackett_luce(items: list[tuple[str, float]], noise: float, rng: random.Random) -> list:
@@ -418,7 +461,9 @@ def stage_ppo(p: Pipeline) -> dict:
 
     summary = ppo.run(p.ppo_config())
     return {k: _pair(summary, k) for k in ("eval/reward", "eval/gold")} | {
-        "kl": summary["last"].get("kl"), "beta": summary["last"].get("beta")}  # fmt: skip
+        "kl": summary["last"].get("kl"),
+        "beta": summary["last"].get("beta"),
+    }
 
 
 def stage_dpo(p: Pipeline) -> dict:
@@ -438,15 +483,24 @@ def stage_grpo(p: Pipeline) -> dict:
 # The config sections each stage's result depends on, its own and its inputs'.
 _SFT = ("seed", "base", "data", "sft")
 _LABEL = (*_SFT, "annotator")
-INPUTS = {"sft": _SFT, "label": _LABEL, "rm": (*_LABEL, "rm"), "ppo": (*_LABEL, "rm", "ppo"),
-          "dpo": (*_LABEL, "dpo"), "grpo": (*_SFT, "verifier", "grpo")}  # fmt: skip
+INPUTS = {
+    "sft": _SFT,
+    "label": _LABEL,
+    "rm": (*_LABEL, "rm"),
+    "ppo": (*_LABEL, "rm", "ppo"),
+    "dpo": (*_LABEL, "dpo"),
+    "grpo": (*_SFT, "verifier", "grpo"),
+}
 
 
 def _changed(old: Any, new: Any, key: str = "") -> list[str]:
     """The dotted keys whose values differ between two config dumps."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [k for name in sorted(old.keys() | new.keys())
-                for k in _changed(old.get(name), new.get(name), f"{key}.{name}".lstrip("."))]  # fmt: skip
+        return [
+            k
+            for name in sorted(old.keys() | new.keys())
+            for k in _changed(old.get(name), new.get(name), f"{key}.{name}".lstrip("."))
+        ]
     return [] if old == new else [key]
 
 
@@ -459,14 +513,21 @@ def check_unchanged(p: Pipeline, stage: str) -> None:
     then = json.loads(path.read_text()) if path.exists() else now
     if changed := _changed(then, now):
         raise ConfigError(
-            f"pipeline: stage {stage!r} finished in {p.out} with other settings ({', '.join(changed[:5])}"
-            f"{', ...' if len(changed) > 5 else ''}); restore them, use another out_dir, or delete "
+            f"pipeline: stage {stage!r} finished in {p.out} with other settings "
+            f"({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}); restore them, "
+            "use another out_dir, or delete "
             f"{p.done_path(stage)} and the stages after it to redo them"
         )
 
 
-STAGE_RUNS = {"sft": stage_sft, "label": stage_label, "rm": stage_rm, "ppo": stage_ppo,
-              "dpo": stage_dpo, "grpo": stage_grpo}  # fmt: skip
+STAGE_RUNS = {
+    "sft": stage_sft,
+    "label": stage_label,
+    "rm": stage_rm,
+    "ppo": stage_ppo,
+    "dpo": stage_dpo,
+    "grpo": stage_grpo,
+}
 
 
 def run(cfg: PipelineConfig) -> dict:
@@ -496,7 +557,9 @@ def run(cfg: PipelineConfig) -> dict:
         t = time.time()
         results[stage] = STAGE_RUNS[stage](p) | {"seconds": round(time.time() - t, 1)}
         dump = cfg.model_dump(mode="json")
-        write_json_atomic(p.out / "stages" / f"{stage}.config.json", {k: dump[k] for k in INPUTS[stage]})  # fmt: skip
+        write_json_atomic(
+            p.out / "stages" / f"{stage}.config.json", {k: dump[k] for k in INPUTS[stage]}
+        )
         write_json_atomic(p.done_path(stage), results[stage])
     evaluation = evaluate_stages(p)
     report = {"stages": results, "evaluation": evaluation, "seconds": round(time.time() - began, 1)}

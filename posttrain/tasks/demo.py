@@ -22,7 +22,9 @@ def more_a_rankings(count: int, seed: int = 0) -> list[dict]:
     never kept)."""
     rng, rows = random.Random(seed), []
     while len(rows) < count:
-        responses = ["".join(rng.choice("abcdef") for _ in range(rng.randint(6, 14))) for _ in range(4)]  # fmt: skip
+        responses = [
+            "".join(rng.choice("abcdef") for _ in range(rng.randint(6, 14))) for _ in range(4)
+        ]
         if len({r.count("a") for r in responses}) == 4:
             ranked = sorted(responses, key=lambda r: -r.count("a"))
             rows.append({"prompt": "More a?", "responses": ranked})
@@ -41,6 +43,11 @@ def write_demo_data(out: Path, seed: int = 0) -> list[Path]:
         write_jsonl_atomic(out / "rankings.jsonl", more_a_rankings(1200, seed)),
         write_jsonl_atomic(out / "sentences" / "sft-train.jsonl", sft_train),
         write_jsonl_atomic(out / "sentences" / "sft-eval.jsonl", sft_eval),
-        write_jsonl_atomic(out / "sentences" / "prompts-train.jsonl", prompts(sentences.make("train", 4000, seed + 1))),
-        write_jsonl_atomic(out / "sentences" / "prompts-eval.jsonl", prompts(sentences.make("eval", 200, seed + 1))),
-    ]  # fmt: skip
+        write_jsonl_atomic(
+            out / "sentences" / "prompts-train.jsonl",
+            prompts(sentences.make("train", 4000, seed + 1)),
+        ),
+        write_jsonl_atomic(
+            out / "sentences" / "prompts-eval.jsonl", prompts(sentences.make("eval", 200, seed + 1))
+        ),
+    ]
