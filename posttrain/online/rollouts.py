@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -121,6 +121,26 @@ def sample(
         )
         for c in batch.completions
     ]
+
+
+def sample_groups(
+    sampler: Sampler, prompts: Sequence[Prompt], params: SamplingParams, chunk: int = 64
+) -> list[tuple[Prompt, list[Rollout]]]:
+    """`params.n` rollouts of each prompt, grouped by prompt, keeping one rollout of each
+    distinct non-empty text (what labelling ranks). Sampled `chunk` prompts at a time, the
+    chunk starting at prompt k seeded `params.seed + k` (unseeded when `params.seed` is None)."""
+    groups = []
+    for start in range(0, len(prompts), chunk):
+        seed = None if params.seed is None else params.seed + start
+        with torch.inference_mode():
+            rollouts = sample(sampler, prompts[start : start + chunk], replace(params, seed=seed))
+        for i in range(0, len(rollouts), params.n):
+            distinct: dict[str, Rollout] = {}
+            for r in rollouts[i : i + params.n]:
+                if r.text.strip():
+                    distinct.setdefault(r.text, r)
+            groups.append((rollouts[i].prompt, list(distinct.values())))
+    return groups
 
 
 def task_reward(specs: Sequence[dict] | None, data: PromptDataConfig) -> CompositeReward:

@@ -51,12 +51,11 @@ class LabelConfig(Section):
 
 def run(cfg: LabelConfig) -> dict:
     """Sample, judge, write the files; returns the summary also written to summary.json."""
-    import torch
 
     from posttrain.data.prompts import load_prompts
     from posttrain.data.tokenize import uses_chat_template
     from posttrain.models.loading import load_causal_lm, load_tokenizer
-    from posttrain.online import sample
+    from posttrain.online import sample_groups
     from posttrain.rollout import HFSampler, sampling_params
     from posttrain.train.distributed import pick_device
 
@@ -73,16 +72,11 @@ def run(cfg: LabelConfig) -> dict:
     )
     model = load_causal_lm(cfg.model.path, pick_device(cfg.run.device))
     sampler = HFSampler(model, tokenizer, seed=cfg.run.seed)
-    groups: list[tuple[Any, list[str]]] = []
-    for start in range(0, len(prompts), 64):
-        params = sampling_params(cfg.sampling, n=cfg.responses, seed=cfg.run.seed + start)
-        with torch.inference_mode():
-            rollouts = sample(sampler, prompts[start : start + 64], params)
-        for i in range(0, len(rollouts), cfg.responses):
-            texts = list(
-                dict.fromkeys(r.text for r in rollouts[i : i + cfg.responses] if r.text.strip())
-            )
-            groups.append((rollouts[i].prompt.text, texts))
+    params = sampling_params(cfg.sampling, n=cfg.responses, seed=cfg.run.seed)
+    groups = [
+        (prompt.text, [r.text for r in rollouts])
+        for prompt, rollouts in sample_groups(sampler, prompts, params)
+    ]
     del model, sampler
 
     rows, verdicts, summary = judge_groups(judge, cfg.judge.kind, cfg.output, groups)

@@ -344,12 +344,11 @@ def stage_sft(p: Pipeline) -> dict:
 
 def stage_label(p: Pipeline) -> dict:
     """Rankings of the SFT policy's own samples by the noisy annotator, or by the judge."""
-    import torch
 
     from posttrain.data.prompts import load_prompts
     from posttrain.data.tokenize import uses_chat_template
     from posttrain.models.loading import load_causal_lm, load_tokenizer
-    from posttrain.online import sample
+    from posttrain.online import sample_groups
     from posttrain.rewards import build_composite
     from posttrain.rollout import HFSampler, SamplingParams
     from posttrain.train.distributed import pick_device
@@ -368,24 +367,15 @@ def stage_label(p: Pipeline) -> dict:
     ]
     sampler = HFSampler(load_causal_lm(policy, pick_device("auto")), tokenizer, seed=cfg.seed)
     gold = build_composite(p.gold_specs())
+    params = SamplingParams(n=a.responses, max_new_tokens=a.max_new_tokens, seed=cfg.seed)
     groups: list[tuple[Any, dict[str, float]]] = []  # (prompt, {distinct response: gold})
-    for start in range(0, len(prompts), 128):
-        chunk = prompts[start : start + 128]
-        params = SamplingParams(n=a.responses, max_new_tokens=a.max_new_tokens, seed=start)
-        with torch.inference_mode():
-            rollouts = sample(sampler, chunk, params)
-        scores = gold([r.prompt.text for r in rollouts], [r.text for r in rollouts]).scores
-        for i, prompt in enumerate(chunk):
-            seen: dict[str, float] = {}
-            for r, s in zip(
-                rollouts[i * a.responses : (i + 1) * a.responses],
-                scores[i * a.responses : (i + 1) * a.responses],
-                strict=True,
-            ):
-                if r.text.strip() and not math.isnan(s):
-                    seen.setdefault(r.text, float(s))
-            if len(seen) >= 2:
-                groups.append((prompt.record.prompt, seen))
+    for prompt, rollouts in sample_groups(sampler, prompts, params, chunk=128):
+        scores = gold([prompt.text] * len(rollouts), [r.text for r in rollouts]).scores
+        seen = {
+            r.text: float(s) for r, s in zip(rollouts, scores, strict=True) if not math.isnan(s)
+        }
+        if len(seen) >= 2:
+            groups.append((prompt.record.prompt, seen))
     stats: dict[str, Any] = {}
     if a.judge is None:
         # a ranking by the rule needs two responses it tells apart

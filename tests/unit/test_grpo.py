@@ -22,6 +22,7 @@ from posttrain.online import (
     forward_logprobs,
     micro_batches,
     sample,
+    sample_groups,
     score,
     task_reward,
 )
@@ -122,6 +123,27 @@ def test_sampler_logprobs_equal_the_training_forward(tiny_qwen2):
     recomputed = forward_logprobs(model, rs, 5, 0.7)  # micro-batches split groups too
     diff = max(float((a - r.old_logprobs).abs().max()) for a, r in zip(recomputed, rs, strict=True))
     assert diff < 1e-5
+
+
+def test_sample_groups_keeps_each_prompts_distinct_texts_in_seeded_chunks(tiny_qwen2):
+    """What labelling ranks: per prompt, one rollout of each distinct non-empty text, in sampled
+    order; chunk k seeded seed + k, so chunking the same prompts alike gives the same texts."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2)
+    tokenizer = build_tokenizer()
+    prompts = [Prompt(PromptRecord(t), tokenizer.encode(t), "test") for t in ("ab", "cd", "ef")]
+    params = SamplingParams(n=6, max_new_tokens=1, temperature=1.0, seed=7)
+    groups = sample_groups(HFSampler(model, tokenizer), prompts, params, chunk=2)
+    assert [p.text for p, _ in groups] == ["ab", "cd", "ef"]
+    # chunk 1 (prompts 0-1) is seeded 7, chunk 2 (prompt 2) 7 + 2
+    first = sample(HFSampler(model, tokenizer), prompts[:2], params)
+    second = sample(
+        HFSampler(model, tokenizer), prompts[2:], SamplingParams(**{**params.__dict__, "seed": 9})
+    )
+    for (prompt, kept), group in zip(groups, [first[:6], first[6:], second], strict=True):
+        texts = [r.text for r in group if r.text.strip()]
+        assert [r.text for r in kept] == list(dict.fromkeys(texts))
+        assert all(r.prompt is prompt for r in kept)
+    assert any(len(kept) < 6 for _, kept in groups)  # one-token samples repeat: duplicates go
 
 
 def test_dynamic_sampling_keeps_only_groups_whose_rewards_vary():
