@@ -180,20 +180,9 @@ def plot_proxy_vs_gold(p: Pipeline, evaluation: dict[str, dict], path: Path) -> 
         kl = {m["step"]: m["kl"] for m in metrics if "kl" in m}
         evals = [m for m in metrics if "eval/gold" in m]
         xs = [kl.get(m["step"], 0.0) for m in evals]
-        axes[0].plot(
-            xs,
-            [m["eval/reward"] for m in evals],
-            color="#dd8452",
-            alpha=0.6,
-            label="PPO during training",
-        )
-        axes[1].plot(
-            xs,
-            [m["eval/gold"] for m in evals],
-            color="#dd8452",
-            alpha=0.6,
-            label="PPO during training",
-        )
+        for ax, key in zip(axes, ("eval/reward", "eval/gold"), strict=True):
+            ys = [m[key] for m in evals]
+            ax.plot(xs, ys, color="#dd8452", alpha=0.6, label="PPO during training")
     for name, row in points.items():
         for ax, key in zip(axes, ("proxy", "gold"), strict=True):
             if key in row:

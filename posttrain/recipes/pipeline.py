@@ -235,8 +235,11 @@ class Pipeline:
     # Each stage's recipe config: the section the user gave, wired to the pipeline's files.
 
     def _wired(self, section: Section, stage: str, **keys: Any) -> Any:
+        """`section` with its run in `out_dir/stage`, its model the SFT stage's (unless
+        `model__path` says otherwise) and `keys` (`head__key=value` or `head=value`) set."""
         raw = section.model_dump()
         raw["run"] = {**raw["run"], "out_dir": str(self.out / stage), "seed": self.cfg.seed}
+        keys.setdefault("model__path", str(self.model("sft")))
         for dotted, value in keys.items():
             head, _, tail = dotted.partition("__")
             if tail:
@@ -264,7 +267,6 @@ class Pipeline:
         return self._wired(
             self.cfg.rm,
             "rm",
-            model__path=str(self.model("sft")),
             data__train=str(self.data / "rankings.jsonl"),
             data__chat_template=self.cfg.data.chat_template,
         )
@@ -273,7 +275,6 @@ class Pipeline:
         return self._wired(
             self.cfg.ppo,
             "ppo",
-            model__path=str(self.model("sft")),
             reward_model=str(self.model("rm")),
             rewards=None,
             gold=self.gold_specs(),
@@ -284,7 +285,6 @@ class Pipeline:
         return self._wired(
             self.cfg.dpo,
             "dpo",
-            model__path=str(self.model("sft")),
             data__train=str(self.data / "pairs.jsonl"),
             data__chat_template=self.cfg.data.chat_template,
         )
@@ -293,7 +293,6 @@ class Pipeline:
         return self._wired(
             self.cfg.grpo,
             "grpo",
-            model__path=str(self.model("sft")),
             rewards=self.cfg.verifier,
             data=self._prompt_data(),
         )
