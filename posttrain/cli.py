@@ -42,6 +42,21 @@ RECIPES: dict[str, tuple[str, str, str]] = {
         "PPOConfig",
         "RLHF with PPO: a reward model (or verifiers), a critic, per-token KL to the SFT policy",
     ),
+    "rft": (
+        "posttrain.recipes.rft",
+        "RFTConfig",
+        "rejection-sampling fine-tuning: rounds of sampling, keeping verified answers, and SFT",
+    ),
+    "prm": (
+        "posttrain.recipes.prm",
+        "PRMConfig",
+        "a process reward model: step labels by Monte-Carlo rollouts (Math-Shepherd), then training",
+    ),
+    "best-of-n": (
+        "posttrain.recipes.best_of_n",
+        "BestOfNConfig",
+        "pick among N samples by a verifier, reward model, PRM or majority vote; pass@k table",
+    ),
     "label": (
         "posttrain.recipes.label",
         "LabelConfig",
@@ -156,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "tiny-model": "build a tiny random model and byte-level tokenizer, offline",
         "demo-data": "write the datasets the examples read, offline",
         "serve": "serve a model over an OpenAI-compatible HTTP API",
+        "feedback": "the human-feedback app: serve it, create projects and tokens, export labels",
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: posttrain <command> [--config FILE] [--dry-run] [key=value ...]\n")
@@ -173,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         return _demo_data(rest)
     if command == "serve":
         return _serve(rest)
+    if command == "feedback":
+        from posttrain.feedback.cli import main as feedback_main
+
+        return feedback_main(rest)
     module_name, class_name, _ = RECIPES[command]
     module = importlib.import_module(module_name)
     config_cls = getattr(module, class_name)

@@ -68,14 +68,20 @@ class RewardModel(torch.nn.Module):
                     f"{type(hf).__name__} does not score at the last token; packed batches need a "
                     "decoder backbone (set data.packing=false for encoders)"
                 )
-            check_packed_support(hf)
-            backbone = getattr(hf, hf.base_model_prefix)
-            hidden = backbone(**model_inputs(batch)).last_hidden_state[0]  # (N, d)
-            return hf.score(hidden[last_index])  # (S, H)
+            return self.scores_at(batch, last_index)
         extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         return self.classifier(
             input_ids=batch.input_ids, attention_mask=batch.attention_mask, **extra
         ).logits
+
+    def scores_at(self, batch: Batch, positions: torch.Tensor) -> torch.Tensor:
+        """`(P, H)` scores of the hidden states at `positions` `(P,)` of a packed row (a
+        sequence's last token, or a process reward model's step ends)."""
+        hf = classifier_of(self.classifier)
+        check_packed_support(hf)
+        backbone = getattr(hf, hf.base_model_prefix)
+        hidden = backbone(**model_inputs(batch)).last_hidden_state[0]  # (N, d)
+        return hf.score(hidden[positions])
 
     def token_scores(self, batch: Batch) -> torch.Tensor:
         """`(K, H)` scores at the K positions that predict a target token of a packed `batch`

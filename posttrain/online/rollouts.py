@@ -62,6 +62,8 @@ class Rollout:
     trained on); NaN without them."""
     correct: bool = False
     """The first gold reward (else the first reward) scored it at least 1."""
+    step_scores: list[tuple[int, float]] | None = None
+    """Process rewards: `(end_char, score)` of each step, from rewards that score steps."""
     skipped: bool = False
     """A reward failed under the 'skip' fallback: the rollout must leave the update."""
     old_logprobs: torch.Tensor | None = None
@@ -143,6 +145,24 @@ def sample_groups(
     return groups
 
 
+def sample_scored(
+    sampler: Sampler,
+    prompts: Sequence[Prompt],
+    reward: CompositeReward,
+    params: SamplingParams,
+    chunk: int = 256,
+) -> list[list[Rollout]]:
+    """`params.n` scored rollouts of each prompt, one list per prompt, sampled `chunk`
+    prompts per sampler call (what the round-based recipes, iterative DPO and RFT, train on)."""
+    rollouts: list[Rollout] = []
+    for start in range(0, len(prompts), chunk):
+        part = sample(sampler, prompts[start : start + chunk], params, first_group=start)
+        score(part, reward)
+        rollouts += part
+    n = params.n
+    return [rollouts[k * n : (k + 1) * n] for k in range(len(prompts))]
+
+
 def task_reward(specs: Sequence[dict] | None, data: PromptDataConfig) -> CompositeReward:
     """The weighted reward of a config's `rewards` list; unset, the task's own verifiers for
     the options it was made with (`data.task`), which a prompt file does not have."""
@@ -158,6 +178,15 @@ def task_reward(specs: Sequence[dict] | None, data: PromptDataConfig) -> Composi
     return build_composite(specs)
 
 
+def reward_inputs(rollouts: Sequence[Rollout]) -> tuple[list, list[str], dict[str, list]]:
+    """What a reward function is called with for `rollouts`: prompts, completion texts, and
+    each prompt field as a column, plus `completion_lengths` (tokens)."""
+    names = {k for r in rollouts for k in r.prompt.fields}
+    columns = {k: [r.prompt.fields.get(k) for r in rollouts] for k in sorted(names)}
+    columns["completion_lengths"] = [len(r.token_ids) for r in rollouts]
+    return [r.prompt.text for r in rollouts], [r.text for r in rollouts], columns
+
+
 def score(
     rollouts: Sequence[Rollout], reward: CompositeReward, gold: CompositeReward | None = None
 ) -> dict[str, float]:
@@ -168,10 +197,7 @@ def score(
     prompt's fields and `completion_lengths`."""
     if not rollouts:
         return {}
-    names = {k for r in rollouts for k in r.prompt.fields}
-    columns = {k: [r.prompt.fields.get(k) for r in rollouts] for k in sorted(names)}
-    columns["completion_lengths"] = [len(r.token_ids) for r in rollouts]
-    prompts, texts = [r.prompt.text for r in rollouts], [r.text for r in rollouts]
+    prompts, texts, columns = reward_inputs(rollouts)
     output = reward(prompts, texts, **columns)
     judge, judged = reward, output
     if gold is not None:
@@ -186,9 +212,43 @@ def score(
             r.components.update({f"gold/{k}": float(v[i]) for k, v in judged.components.items()})
         r.correct = float(first[i]) >= 1.0  # NaN (skipped) compares False
         r.skipped = bool(skipped[i])
+        r.step_scores = None if output.step_scores is None else output.step_scores[i]
     # Per-component means are `sampled_metrics`' job; failures and seconds are the composite's.
     metrics = output.metrics if gold is None else {**output.metrics, **judged.metrics}
     return {k: v for k, v in metrics.items() if not k.endswith("/mean")}
+
+
+def step_positions(tokenizer, token_ids: Sequence[int], ends: Sequence[int]) -> list[int]:
+    """The index of the token that ends each step: the first token whose decoded prefix of
+    `token_ids` reaches the step's `end_char` (clamped to the last token)."""
+    lengths: dict[int, int] = {}
+
+    def reach(k: int) -> int:  # characters decoded from tokens 0..k
+        if k not in lengths:
+            lengths[k] = len(tokenizer.decode(token_ids[: k + 1], skip_special_tokens=True))
+        return lengths[k]
+
+    out = []
+    for end in ends:
+        low, high = 0, len(token_ids) - 1
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (mid + 1, high) if reach(mid) < end else (low, mid)
+        out.append(low)
+    return out
+
+
+def step_rewards(rollout: Rollout, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(T,)` float: each step's score on the token that ends it (`step_positions`), 0
+    elsewhere; and `(T,)` bool: which tokens end a step. No step scores: zeros."""
+    T = len(rollout.token_ids)
+    values, is_step = torch.zeros(T), torch.zeros(T, dtype=torch.bool)
+    if rollout.step_scores and T:
+        ends = step_positions(tokenizer, rollout.token_ids, [e for e, _ in rollout.step_scores])
+        for position, (_, score) in zip(ends, rollout.step_scores, strict=True):
+            values[position] += score
+            is_step[position] = True
+    return values, is_step
 
 
 @dataclass

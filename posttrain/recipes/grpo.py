@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from posttrain.config import ConfigError
 from posttrain.data.prompts import load_prompts
 from posttrain.data.tokenize import uses_chat_template
 from posttrain.eval.heldout import evaluate_prompts, heldout_params
@@ -32,6 +33,7 @@ from posttrain.losses import (
     kl_estimate,
     kl_loss,
     ppo_policy_loss,
+    process_advantages,
     reinforce_plus_plus_advantages,
     rloo_advantages,
 )
@@ -48,6 +50,7 @@ from posttrain.online import (
     sample,
     sampled_metrics,
     score,
+    step_rewards,
     task_reward,
 )
 from posttrain.recipes.grpo_config import GRPOConfig, GRPOSection
@@ -77,12 +80,48 @@ def grpo_reward(cfg: GRPOConfig) -> CompositeReward:
     return CompositeReward(reward.components + extra)
 
 
+def process_advantages_of(rollouts: list[Rollout], g: GRPOSection, tokenizer) -> list[torch.Tensor]:
+    """Each rollout's `(T_i,)` process advantages: its steps' scores, normalized by the mean
+    and std of every step score of its group (DeepSeekMath, Shao et al. 2024, Sec. 4.1.3),
+    placed at each step's last token and spread over the tokens by `g.process`."""
+    if not any(r.step_scores for r in rollouts):
+        raise ConfigError(
+            f"grpo.process={g.process!r}: no reward scored steps; add a process reward model, "
+            "e.g. rewards: [..., {name: prm, options: {path: runs/prm/final}}]"
+        )
+    out = []
+    for k in range(0, len(rollouts), g.group_size):
+        group = rollouts[k : k + g.group_size]
+        placed = [step_rewards(r, tokenizer) for r in group]
+        values = torch.cat([v[is_step] for v, is_step in placed])
+        mean = values.mean() if len(values) else 0.0
+        std = values.std(correction=0) if len(values) > 1 else torch.tensor(0.0)
+        for r, (v, is_step) in zip(group, placed, strict=True):
+            normalized = (v - mean) / (std + 1e-6) if std > 0 else torch.zeros_like(v)
+            advantages = process_advantages(
+                normalized[None], is_step[None], r.completion_mask[None], g.process
+            )
+            out.append(g.process_weight * advantages[0])
+    return out
+
+
 def advantages_of(
-    rollouts: list[Rollout], trained: list[bool], g: GRPOSection
+    rollouts: list[Rollout], trained: list[bool], g: GRPOSection, tokenizer=None
 ) -> list[torch.Tensor]:
     """Each rollout's `(T_i,)` advantages from its reward (minus beta x k1 KL when the KL is
-    in the reward). `rollouts` are whole groups of G, prompt-major; `trained` says which take
-    part in the update (REINFORCE++ whitens over their tokens only)."""
+    in the reward), plus process advantages with `g.process` (which needs the `tokenizer`).
+    `rollouts` are whole groups of G, prompt-major; `trained` says which take part in the
+    update (REINFORCE++ whitens over their tokens only)."""
+    outcome = outcome_advantages(rollouts, trained, g)
+    if g.process == "none":
+        return outcome
+    process = process_advantages_of(rollouts, g, tokenizer)
+    return [a + p for a, p in zip(outcome, process, strict=True)]
+
+
+def outcome_advantages(
+    rollouts: list[Rollout], trained: list[bool], g: GRPOSection
+) -> list[torch.Tensor]:
     rewards = torch.tensor([r.reward for r in rollouts])
     lengths = [len(r.token_ids) for r in rollouts]
     kl = None
@@ -262,8 +301,9 @@ def run(cfg: GRPOConfig) -> dict:
         # Failed rewards, and truncated completions under overlong filtering, leave the loss.
         trained = [not (r.skipped or (g.overlong_filter and r.truncated)) for r in rollouts]
         if rollouts:
-            for r, advantages in zip(rollouts, advantages_of(rollouts, trained, g), strict=True):
-                r.advantages = advantages
+            advantages = advantages_of(rollouts, trained, g, tokenizer)
+            for r, a in zip(rollouts, advantages, strict=True):
+                r.advantages = a
         updated = time.perf_counter()
         updates: list[dict] = []
         diff: list[float] = []

@@ -92,6 +92,13 @@ class GRPOSection(Section):
     (0: off). It joins the rewards as the component 'overlong'."""
     overlong_penalty: float = 1.0
     """Largest overlong penalty."""
+    process: Literal["none", "sum", "min", "last"] = "none"
+    """Process rewards (a reward that scores steps, e.g. `prm`): each group's step scores are
+    normalized over the group and reach the tokens by `losses.process_advantages` ('sum':
+    the return-to-go over later steps, DeepSeekMath Sec. 4.1.3), added to the outcome
+    advantages; 'none' ignores step scores."""
+    process_weight: float = 1.0
+    """Weight of the process advantages beside the outcome advantages."""
 
     def resolved(self, algo: str) -> GRPOSection:
         """Unset keys filled with `ALGOS[algo]`'s defaults."""

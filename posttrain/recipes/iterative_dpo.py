@@ -49,7 +49,7 @@ from posttrain.data.tokenize import uses_chat_template
 from posttrain.eval.heldout import evaluate_prompts, heldout_params
 from posttrain.files import write_json_atomic
 from posttrain.models.loading import fit_to_context, load_model, load_tokenizer
-from posttrain.online import Rollout, draw, sample, sampled_metrics, score, task_reward
+from posttrain.online import Rollout, draw, sample_scored, sampled_metrics, task_reward
 from posttrain.recipes.dpo import DPOConfig
 from posttrain.recipes.dpo import run as run_dpo
 from posttrain.rewards import CompositeReward
@@ -133,13 +133,7 @@ def sample_and_score(
     """`params.n` scored rollouts of each prompt from the policy saved at `model_dir`."""
     model = load_model(cfg.dpo.model, device, trainable=False, path=model_dir)
     sampler = build_sampler(cfg.sampling, model, load_tokenizer(model_dir), seed)
-    n = params.n
-    rollouts: list[Rollout] = []
-    for start in range(0, len(prompts), 256):
-        part = sample(sampler, prompts[start : start + 256], params, first_group=start)
-        score(part, reward)
-        rollouts += part
-    return [rollouts[k * n : (k + 1) * n] for k in range(len(prompts))]
+    return sample_scored(sampler, prompts, reward, params)
 
 
 def run(cfg: IterativeDPOConfig) -> dict:

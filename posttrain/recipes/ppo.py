@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from posttrain.config import ConfigError
 from posttrain.data.packing import Batch, collate
 from posttrain.data.prompts import load_prompts
 from posttrain.data.splits import load_train_eval
@@ -66,6 +67,7 @@ from posttrain.online import (
     sample,
     sampled_metrics,
     score,
+    step_rewards,
     task_reward,
     value_pass,
 )
@@ -128,17 +130,26 @@ def shaped_scores(rollouts: list[Rollout], state: PPOState, p: PPOSection) -> to
 
 
 def advantages_and_returns(
-    rollouts: list[Rollout], scores: torch.Tensor, beta: float, p: PPOSection
+    rollouts: list[Rollout],
+    scores: torch.Tensor,
+    beta: float,
+    p: PPOSection,
+    step_scores: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Set each rollout's `advantages` and `returns` `(T,)` by GAE over r_t = -beta k1_t
-    (+ the score at the last token); returns the rollout-time KL and value statistics."""
+    (+ p.process_weight x `step_scores[i]`, each rollout's `(T,)` step scores on the tokens that
+    end its steps) (+ the score at the last token); returns the rollout-time KL and value
+    statistics."""
     lengths = [len(r.token_ids) for r in rollouts]
     cu = torch.tensor([0, *lengths]).cumsum(0)
     mask = torch.cat([r.completion_mask for r in rollouts])[None]
     values = torch.cat([r.values for r in rollouts])[None]
     k1 = torch.cat([r.old_logprobs - r.ref_logprobs for r in rollouts])[None] * mask
+    token_rewards = -beta * k1
+    if step_scores is not None:
+        token_rewards = token_rewards + p.process_weight * torch.cat(step_scores)[None] * mask
     advantages, returns = gae(
-        values, mask, scores=scores, token_rewards=-beta * k1, gamma=p.gamma, lam=p.lam,
+        values, mask, scores=scores, token_rewards=token_rewards, gamma=p.gamma, lam=p.lam,
         cu_seqlens=cu,
     )  # fmt: skip
     if p.whiten_advantages:
@@ -328,8 +339,16 @@ def run(cfg: PPOConfig) -> dict:
         times["time/values_s"] = time.perf_counter() - began - sum(times.values())
         scores = shaped_scores(rollouts, state, p)
         beta = state.kl.value
+        steps = None
+        if p.process_weight > 0 and rollouts:
+            if not any(r.step_scores for r in rollouts):
+                raise ConfigError(
+                    "ppo.process_weight > 0 but no reward scored steps; add a process reward "
+                    "model, e.g. rewards: [..., {name: prm, options: {path: runs/prm/final}}]"
+                )
+            steps = [step_rewards(r, tokenizer)[0] for r in rollouts]
         if rollouts:
-            metrics.update(advantages_and_returns(rollouts, scores, beta, p))
+            metrics.update(advantages_and_returns(rollouts, scores, beta, p, steps))
         prepared = time.perf_counter()
 
         updates, critic_updates, diff = [], [], []

@@ -54,6 +54,10 @@ class PPOSection(Section):
     """Clip the (normalised) score to +- this (0: off)."""
     missing_eos_penalty: float = Field(0.0, ge=0)
     """Subtracted from the score of a completion cut at sampling.max_new_tokens (TRL's name)."""
+    process_weight: float = Field(0.0, ge=0)
+    """Process rewards (a reward that scores steps, e.g. `prm`): each step's score times this
+    weight joins the per-token reward on the token that ends the step, as Math-Shepherd's
+    step-by-step PPO (Wang et al. 2024, Sec. 3.4) rewards each step; 0 ignores step scores."""
     whiten_advantages: bool = True
     """Whiten advantages over every completion token of the step."""
     old_logprobs: Literal["sampler", "recompute"] = "sampler"

@@ -113,6 +113,12 @@ def _reward_ensemble(paths: list[str], **options: Any) -> RewardFunction:
     return EnsembleRewardModel(paths, **options)
 
 
+def _prm(path: str, **options: Any) -> RewardFunction:
+    from posttrain.rewards.process import ProcessRewardScorer
+
+    return ProcessRewardScorer(path, **options)
+
+
 def _judge(**options: Any) -> RewardFunction:
     from posttrain.judges import JudgeReward
 
@@ -134,6 +140,7 @@ REWARDS: dict[str, Callable[..., RewardFunction]] = {
     "code": _code,  # sandboxed tests; field `tests`
     "reward_model": _reward_model,  # a learned reward model; option `path`
     "reward_ensemble": _reward_ensemble,  # mean - k * std of several; options `paths`, `k`
+    "prm": _prm,  # a process reward model: a score per step; option `path`
     "judge": _judge,  # an LLM judge: pairwise, pointwise or rules (posttrain.judges)
 }
 

@@ -24,9 +24,7 @@ def posttrain(cwd: Path, *args: str) -> str:
 
 @pytest.mark.parametrize("config", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
 def test_example_config_resolves(config, tmp_path):
-    command = {"rlhf.yaml": "pipeline", "iterative_dpo.yaml": "iterative-dpo"}.get(
-        config, config.removesuffix(".yaml")
-    )
+    command = {"rlhf.yaml": "pipeline"}.get(config, config.removesuffix(".yaml").replace("_", "-"))
     assert "out_dir" in posttrain(
         tmp_path, command, "--config", str(EXAMPLES / config), "--dry-run"
     )
@@ -72,3 +70,24 @@ def test_rlaif_example_runs_end_to_end(tmp_path):
         assert 0.0 <= report[name]["held_out_accuracy"] <= 1.0
     assert report["gold"]["label_accuracy"] == 1.0  # the gold rule agrees with itself
     assert report["judge-both-orders"]["order_agreement"] < 1.0  # the bias shows
+
+
+@pytest.mark.slow
+def test_verifiers_example_runs_end_to_end(tmp_path):
+    """examples/verifiers.py, shortened: every stage runs and writes its outputs
+    (docs/verifiers.md's numbers come from its full run)."""
+    out = tmp_path / "verifiers"
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "verifiers.py"), "--out", str(out), "--label-prompts", "32",
+         "--label-eval", "8", "--train-steps", "3", "--eval-prompts", "8", "--n", "4",
+         "--grpo-steps", "1", "--rounds", "1", "--round-prompts", "64", "--round-steps", "2"],
+        capture_output=True, text=True, timeout=1200, cwd=EXAMPLES.parent,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"prm", "orm", "bon", "grpo", "rft", "kl", "plots"}
+    assert [row["N"] for row in report["bon"]["table"]] == [1, 2, 4]
+    assert set(report["grpo"]) == {"outcome", "process-sum", "process-min"}
+    assert report["kl"]["start"]["kl"] == pytest.approx(0.0, abs=1e-4)
+    for png in ("kl.png", "grpo.png", "rounds.png", "best-of-n/best_of_n.png"):
+        assert (out / png).stat().st_size > 1000

@@ -135,3 +135,14 @@ def test_the_critic_needs_a_start_and_ptx_needs_data():
         PPOConfig(model={"path": "m"})
     with pytest.raises(ValueError, match="ptx.coef is set but ptx.train"):
         PPOConfig(critic={"init": "policy"}, ptx={"coef": 1.0})
+
+
+def test_process_rewards_join_the_token_that_ends_each_step():
+    """Here's the maths (gamma = lambda = 1, no KL, values 0, process_weight 0.5): step scores
+    0.8 on token 1 and 0.2 on token 3 of 4, sequence score 1 on the last token:
+    r = (0, 0.4, 0, 0.1 + 1); returns-to-go = (1.5, 1.5, 1.1, 1.1)."""
+    r = rollout([1], [5, 6, 7, 8], old_logprobs=[0.0] * 4, ref_logprobs=[0.0] * 4, values=[0.0] * 4)
+    p = PPOSection(gamma=1.0, lam=1.0, whiten_advantages=False, process_weight=0.5)
+    steps = [torch.tensor([0.0, 0.8, 0.0, 0.2])]
+    advantages_and_returns([r], torch.tensor([1.0]), beta=0.0, p=p, step_scores=steps)
+    torch.testing.assert_close(r.returns, torch.tensor([1.5, 1.5, 1.1, 1.1]))
