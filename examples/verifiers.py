@@ -101,7 +101,7 @@ def stage_bon(out: Path, start: Path, a: argparse.Namespace) -> dict:
     return best_of_n.run(cfg)
 
 
-def stage_grpo(out: Path, start: Path, steps: int) -> dict:
+def stage_grpo(out: Path, start: Path, a: argparse.Namespace) -> dict:
     from posttrain.recipes import grpo
 
     prm_reward = {"name": "prm", "options": {"path": str(out / "prm/final"), "aggregate": "none"}}
@@ -114,9 +114,9 @@ def stage_grpo(out: Path, start: Path, steps: int) -> dict:
     for name, (rewards, process) in variants.items():
         cfg = load_config(grpo.GRPOConfig, "examples/grpo.yaml", [
             f"model.path={start / 'sft/final'}", f"data.train={start / 'data/train.jsonl'}",
-            f"data.eval={start / 'data/eval.jsonl'}", f"run.max_steps={steps}",
+            f"data.eval={start / 'data/eval.jsonl'}", f"run.max_steps={a.grpo_steps}",
             f"run.out_dir={out / 'grpo' / name}", f"grpo.process={process}", "run.save_every=0",
-            "run.eval_every=10",
+            "run.eval_every=10", f"grpo.process_weight={a.process_weight}", f"run.seed={a.seed}",
         ])  # fmt: skip
         cfg.rewards = rewards
         results[name] = grpo.run(cfg)
@@ -265,6 +265,8 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=300, help="held-out sums for best-of-N")
     parser.add_argument("--n", type=int, default=32, help="best-of-N's largest N")
     parser.add_argument("--grpo-steps", type=int, default=100)
+    parser.add_argument("--process-weight", type=float, default=1.0, help="grpo.process_weight")
+    parser.add_argument("--seed", type=int, default=0, help="the GRPO runs' run.seed")
     parser.add_argument("--rounds", type=int, default=3, help="RFT and iterative DPO rounds")
     parser.add_argument("--round-prompts", type=int, default=2000)
     parser.add_argument("--round-steps", type=int, default=75, help="SFT / DPO steps per round")
@@ -277,7 +279,7 @@ def main() -> None:
         "prm": lambda: stage_prm(out, start, args),
         "orm": lambda: stage_orm(out, start, args),
         "bon": lambda: stage_bon(out, start, args),
-        "grpo": lambda: stage_grpo(out, start, args.grpo_steps),
+        "grpo": lambda: stage_grpo(out, start, args),
         "rft": lambda: stage_rft(out, start, args),
         "kl": lambda: stage_kl(out, start, args),
         "plots": lambda: stage_plots(out),

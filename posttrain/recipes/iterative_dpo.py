@@ -47,7 +47,6 @@ from posttrain.config import (
 from posttrain.data.prompts import Prompt, load_prompts
 from posttrain.data.tokenize import uses_chat_template
 from posttrain.eval.heldout import evaluate_prompts, heldout_params
-from posttrain.files import write_json_atomic
 from posttrain.models.loading import fit_to_context, load_model, load_tokenizer
 from posttrain.online import Rollout, draw, sample_scored, sampled_metrics, task_reward
 from posttrain.recipes.dpo import DPOConfig
@@ -156,10 +155,7 @@ def run(cfg: IterativeDPOConfig) -> dict:
     reward = task_reward(cfg.rewards, cfg.data)
     eval_params = heldout_params(cfg.evaluation, cfg.sampling, seed)
 
-    # A round is done once its summary is written; a gap ends the done prefix.
-    done = [json.loads(p.read_text()) for p in sorted(out.glob("round-*/summary.json"))]
-    done = [d for k, d in enumerate(done, 1) if d["round"] == k][: cfg.run.max_steps]
-    run.resume({}, start=len(done))
+    done = run.done_rounds()
     policy = done[-1]["model"] if done else initial
 
     def evaluate() -> dict:
@@ -217,11 +213,7 @@ def run(cfg: IterativeDPOConfig) -> dict:
             for key in ("eval/rewards/accuracy", "eval/loss"):
                 if key in trained.get(f"eval_{when}", {}):
                     record[f"dpo/{key}/{when}"] = trained[f"eval_{when}"][key]
-        run.end_step(k, record, evaluate)
-        write_json_atomic(folder / "summary.json", {"round": k, "model": policy, **record})
-        run.summary.setdefault("rounds", []).append({"round": k, "model": policy, **record})
-        run.summary["final_model"] = policy
-        run.write_summary()
+        run.end_round(k, record, policy, evaluate)
         if cfg.run.progress:
             print(f"round {k}/{cfg.run.max_steps}: {len(pairs)} pairs from {len(prompts)} "
                   f"prompts, sample accuracy {record['sample/accuracy']:.3f}, held-out accuracy "

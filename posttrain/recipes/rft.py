@@ -32,7 +32,7 @@ from posttrain.config import EvaluationConfig, PromptDataConfig, RunConfig, Samp
 from posttrain.data.prompts import load_prompts
 from posttrain.data.tokenize import uses_chat_template
 from posttrain.eval.heldout import evaluate_prompts, heldout_params
-from posttrain.files import write_json_atomic, write_jsonl_atomic
+from posttrain.files import write_jsonl_atomic
 from posttrain.models.loading import fit_to_context, load_model, load_tokenizer
 from posttrain.online import Rollout, draw, sample_scored, sampled_metrics, task_reward
 from posttrain.recipes.sft import SFTConfig
@@ -112,9 +112,7 @@ def run(cfg: RFTConfig) -> dict:
     reward = task_reward(cfg.rewards, cfg.data)
     eval_params = heldout_params(cfg.evaluation, cfg.sampling, seed)
 
-    done = [json.loads(p.read_text()) for p in sorted(out.glob("round-*/summary.json"))]
-    done = [d for k, d in enumerate(done, 1) if d["round"] == k][: cfg.run.max_steps]
-    run.resume({}, start=len(done))
+    done = run.done_rounds()
     policy = done[-1]["model"] if done else initial
 
     def sampler_of(model_dir: str):
@@ -167,11 +165,7 @@ def run(cfg: RFTConfig) -> dict:
         record = {f"sample/{key}": v for key, v in sampled_metrics(sampled).items()}
         record.update(prompts=len(prompts), kept=len(rows),
                       prompts_solved=sum(any(x.correct for x in g) for g in groups))  # fmt: skip
-        run.end_step(k, record, evaluate)
-        write_json_atomic(folder / "summary.json", {"round": k, "model": policy, **record})
-        run.summary.setdefault("rounds", []).append({"round": k, "model": policy, **record})
-        run.summary["final_model"] = policy
-        run.write_summary()
+        run.end_round(k, record, policy, evaluate)
         if cfg.run.progress:
             print(f"round {k}/{cfg.run.max_steps}: kept {len(rows)} answers of "
                   f"{record['prompts_solved']}/{len(prompts)} prompts, sample accuracy "

@@ -171,6 +171,32 @@ class Run:
             self.save(step)
         return metrics
 
+    def done_rounds(self) -> list[dict[str, Any]]:
+        """Round-based recipes (iterative DPO, RFT): the records of rounds 1, 2, ... whose
+        `round-K/summary.json` exists, in order (a gap ends them; at most `max_steps`); the run
+        resumes after them."""
+        done: list[dict[str, Any]] = []
+        while len(done) < self.cfg.max_steps:
+            path = self.out / f"round-{len(done) + 1}" / "summary.json"
+            if not path.exists():
+                break
+            done.append(json.loads(path.read_text()))
+        self.resume({}, start=len(done))
+        return done
+
+    def end_round(
+        self, k: int, record: Metrics, model: str, evaluate: Callable[[], Metrics] | None
+    ) -> None:
+        """Round `k` is done: evaluate and log it (`end_step`), write `round-K/summary.json`
+        (atomically; what marks the round done) with the round's `model`, and the summary."""
+        self.end_step(k, record, evaluate)
+        done = {"round": k, "model": model, **record}
+        if self.dist.is_main:
+            write_json_atomic(self.out / f"round-{k}" / "summary.json", done)
+        self.summary.setdefault("rounds", []).append(done)
+        self.summary["final_model"] = model
+        self.write_summary()
+
     def save(self, step: int) -> Path:
         """A checkpoint of every learner, the recipe state and the summary at `step`."""
         extra = {"summary": self.summary}

@@ -17,7 +17,6 @@ import itertools
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import sqlite3
@@ -28,12 +27,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from posttrain.feedback.app import (
     CONTENT_SECURITY_POLICY,
@@ -42,6 +39,7 @@ from posttrain.feedback.app import (
     MAX_PROJECT_BODY,
     create_app,
 )
+from tests.servers import chromium, serve_in_thread
 
 pytestmark = pytest.mark.integration
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -64,20 +62,6 @@ def cli(*args: str) -> str:
 
 def admin_token(db_url: str) -> str:
     return cli("feedback", "admin-token", "--db", db_url).strip().splitlines()[-1]
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        path = None
-    if path:
-        return path
-    why = "a headless Chromium with playwright (apt-get install chromium; pip install playwright)"
-    if os.environ.get("POSTTRAIN_ALLOW_NO_BROWSER") == "1":
-        pytest.skip(f"no browser (POSTTRAIN_ALLOW_NO_BROWSER=1): {why}")
-    pytest.fail(f"this test needs {why}\n(set POSTTRAIN_ALLOW_NO_BROWSER=1 to skip instead)")
 
 
 class Client:
@@ -138,23 +122,9 @@ def raw_post(base: str, path: str, headers: dict[str, str], body: bytes = b"") -
         return response.status, json.loads(response.read())
 
 
-@contextmanager
-def thread_server(db_url: str) -> Iterator[str]:
+def thread_server(db_url: str):
     """The app on a free loopback port, uvicorn in a background thread."""
-    app = create_app(db_url)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    return serve_in_thread(create_app(db_url))
 
 
 def free_port() -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from posttrain.train.metrics import read_metrics
+from tests.servers import chromium
 
 # A few steps of every stage: the wiring and the report, not the learning (the full quickstart
 # and docs/pipeline.md show that).
@@ -39,20 +39,6 @@ def posttrain(*args: str, check: bool = True, timeout: float = 600) -> subproces
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
-
-
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    try:
-        import playwright  # noqa: F401
-    except ImportError:
-        path = None
-    if path:
-        return path
-    why = "a headless Chromium with playwright (apt-get install chromium; pip install playwright)"
-    if os.environ.get("POSTTRAIN_ALLOW_NO_BROWSER") == "1":
-        pytest.skip(f"no browser (POSTTRAIN_ALLOW_NO_BROWSER=1): {why}")
-    pytest.fail(f"this test needs {why}\n(set POSTTRAIN_ALLOW_NO_BROWSER=1 to skip instead)")
 
 
 @pytest.fixture(scope="module")

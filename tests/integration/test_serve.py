@@ -10,18 +10,15 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import openai
 import pytest
 import torch
-import uvicorn
 
 from posttrain.data.tokenize import prompt_ids
 from posttrain.models.loading import load_causal_lm, load_tokenizer
@@ -29,6 +26,7 @@ from posttrain.rollout import HFSampler, SamplingParams
 from posttrain.rollout.stop import StopStrings
 from posttrain.serve.answers import TextStream
 from posttrain.serve.app import create_app
+from tests.servers import serve_in_thread
 
 pytestmark = pytest.mark.integration
 MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "2+2?"}]
@@ -37,24 +35,6 @@ MESSAGES = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "
 def load_sampler(model_dir) -> HFSampler:
     model = load_causal_lm(str(model_dir), torch.device("cpu")).requires_grad_(False).eval()
     return HFSampler(model, load_tokenizer(str(model_dir)), seed=0)
-
-
-@contextmanager
-def running(app) -> Iterator[str]:
-    """Serve `app` with uvicorn on a free loopback port in a background thread."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def http(method: str, url: str, body: bytes | None = None, **headers: str) -> tuple[int, dict]:
@@ -71,7 +51,7 @@ def http(method: str, url: str, body: bytes | None = None, **headers: str) -> tu
 def url(tiny_qwen2) -> Iterator[str]:
     """A server without an API key; its batching window is wide enough for threads to meet."""
     app = create_app(load_sampler(tiny_qwen2), "tiny", batch_window_s=0.05)
-    with running(app) as base:
+    with serve_in_thread(app) as base:
         yield base
 
 

@@ -184,17 +184,22 @@ def test_grpo_trains_on_process_rewards(tiny_qwen2, prompts, prm, tmp_path, caps
 
 
 def test_ppo_trains_on_process_rewards(tiny_qwen2, prompts, prm, tmp_path, capsys):
-    out = tmp_path / "ppo"
-    code = main([
-        "ppo", f"model.path={tiny_qwen2}", f"data.train={prompts[0]}", "data.eval_size=0",
-        "data.chat_template=never", "sampling.max_new_tokens=8", "critic.init=policy",
-        f"rewards=[{{name: '{HAS_DIGIT}'}}, {{name: prm, options: {{path: '{prm}', aggregate: none}}}}]",
-        "ppo.process_weight=0.5", "ppo.prompts_per_step=8", "ppo.epochs=1",
-        "run.max_steps=2", f"run.out_dir={out}", "run.progress=false",
-    ])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert lines[-1]["step"] == 2 and "returns/mean" in lines[-1]
+    first_returns = {}
+    for weight in (0.0, 0.5):
+        out = tmp_path / f"ppo-{weight}"
+        code = main([
+            "ppo", f"model.path={tiny_qwen2}", f"data.train={prompts[0]}", "data.eval_size=0",
+            "data.chat_template=never", "sampling.max_new_tokens=8", "critic.init=policy",
+            f"rewards=[{{name: '{HAS_DIGIT}'}}, {{name: prm, options: {{path: '{prm}', aggregate: none}}}}]",
+            f"ppo.process_weight={weight}", "ppo.prompts_per_step=8", "ppo.epochs=1",
+            "run.max_steps=2", f"run.out_dir={out}", "run.progress=false",
+        ])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        assert lines[-1]["step"] == 2
+        first_returns[weight] = lines[0]["returns/mean"]
+    # The same samples and critic: the step rewards (PRM probabilities > 0) raise the returns.
+    assert first_returns[0.5] > first_returns[0.0] + 1e-3, first_returns
     # Without a reward that scores steps the setting refuses to run.
     code = main([
         "ppo", f"model.path={tiny_qwen2}", f"data.train={prompts[0]}", "data.eval_size=0",
