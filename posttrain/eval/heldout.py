@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 
 from posttrain.config import EvaluationConfig, SamplingConfig
 from posttrain.data.prompts import Prompt
-from posttrain.online import Rollout, sample, sampled_metrics, score
+from posttrain.online import Rollout, sample_scored, sampled_metrics
 from posttrain.rewards import CompositeReward
 from posttrain.rollout import Sampler, SamplingParams
-
-BATCH = 256  # prompts per sampler call
 
 
 @dataclass
@@ -33,11 +31,8 @@ def evaluate_prompts(
 ) -> HeldOutResult:
     """`params.n` completions of every prompt, scored (and with `gold`, gold-scored); metrics
     are means over them."""
-    rollouts: list[Rollout] = []
-    for start in range(0, len(prompts), BATCH):
-        part = sample(sampler, prompts[start : start + BATCH], params, first_group=start)
-        score(part, reward, gold)
-        rollouts += part
+    groups = sample_scored(sampler, prompts, reward, params, gold)
+    rollouts = [r for group in groups for r in group]
     metrics = {f"eval/{k}": v for k, v in sampled_metrics(rollouts).items()}
     return HeldOutResult(metrics, rollouts)
 

@@ -150,14 +150,16 @@ def sample_scored(
     prompts: Sequence[Prompt],
     reward: CompositeReward,
     params: SamplingParams,
+    gold: CompositeReward | None = None,
     chunk: int = 256,
 ) -> list[list[Rollout]]:
-    """`params.n` scored rollouts of each prompt, one list per prompt, sampled `chunk`
-    prompts per sampler call (what the round-based recipes, iterative DPO and RFT, train on)."""
+    """`params.n` scored (and with `gold`, gold-scored) rollouts of each prompt, one list per
+    prompt, sampled `chunk` prompts per sampler call: what held-out evaluation, best-of-N and
+    the round-based recipes (iterative DPO, RFT) read."""
     rollouts: list[Rollout] = []
     for start in range(0, len(prompts), chunk):
         part = sample(sampler, prompts[start : start + chunk], params, first_group=start)
-        score(part, reward)
+        score(part, reward, gold)
         rollouts += part
     n = params.n
     return [rollouts[k * n : (k + 1) * n] for k in range(len(prompts))]
