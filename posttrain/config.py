@@ -199,6 +199,43 @@ class SamplingConfig(Section):
     run.progress) at each logged step."""
 
 
+class EnvironmentConfig(Section):
+    """Multi-turn rollouts (`posttrain.rollout.multiturn`, docs/tools.md): tools the policy may
+    call, or an environment of your own. Neither: single-turn completions."""
+
+    tools: list[str | dict[str, Any]] = []
+    """Tools the policy may call: 'calculator', 'python' (run in the sandbox), or
+    `{function: package.module:function, parameters: {JSON schema}}`."""
+    factory: str | None = None
+    """Instead of tools: `package.module:callable` returning a fresh environment (`reset(row)`,
+    `step(turn)`) for each trajectory, called with `options`."""
+    options: dict[str, Any] = {}
+    """Keyword arguments of `factory`."""
+    turn_stop: list[str] | None = None
+    """Strings that end a turn and hand it to the environment (unset: '</tool_call>' with
+    tools, none with a factory); eos and sampling.stop end turns too."""
+    max_turns: int = Field(4, ge=1)
+    """Turns the policy writes at most; sampling.max_new_tokens bounds the whole trajectory."""
+    call_cost: float = 0.0
+    """Reward subtracted per tool call."""
+    timeout_s: float = Field(5.0, gt=0)
+    """A tool call's wall-clock limit."""
+    max_output_chars: int = Field(512, ge=1)
+    """A tool's output is cut to this many characters."""
+    workers: int = Field(16, ge=1)
+    """Environments stepped at once."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> EnvironmentConfig:
+        if self.tools and self.factory:
+            raise ValueError("environment: set tools or factory, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tools or self.factory)
+
+
 class EvaluationConfig(Section):
     """The held-out evaluation of the online recipes (`posttrain.eval.heldout`)."""
 

@@ -41,9 +41,11 @@ def load_prompts(
     chat: bool,
     max_prompt_length: int,
     seed: int,
+    tools: list[dict] | None = None,
 ) -> tuple[list[Prompt], list[Prompt]]:
     """`(train, held_out)` prompts from `data.task` or the `data.train` / `data.eval` files,
-    tokenized; a prompt over `max_prompt_length` tokens is a DataError naming its row."""
+    tokenized (a chat template gets the schemas of the `tools` the model may call); a prompt
+    over `max_prompt_length` tokens is a DataError naming its row."""
     if data.task:
         train, held_out = _task_rows(data, seed)
         sources = (f"task {data.task!r} (train)", f"task {data.task!r} (eval)")
@@ -63,7 +65,7 @@ def load_prompts(
         raise ValueError("data: set data.task (a task name) or data.train (a prompt file)")
     if not data.eval_size:
         held_out = []
-    tokenize = dict(chat=chat, max_length=max_prompt_length)
+    tokenize = dict(chat=chat, max_length=max_prompt_length, tools=tools)
     return (
         tokenize_prompts(tokenizer, train, source=sources[0], **tokenize),
         tokenize_prompts(tokenizer, held_out, source=sources[1], **tokenize),
@@ -77,10 +79,11 @@ def tokenize_prompts(
     source: str,
     chat: bool,
     max_length: int,
+    tools: list[dict] | None = None,
 ) -> list[Prompt]:
     out = []
     for i, record in enumerate(records):
-        ids = prompt_ids(tokenizer, record.prompt, chat)
+        ids = prompt_ids(tokenizer, record.prompt, chat, tools)
         if len(ids) > max_length:
             row = record.row if record.row is not None else i + 1
             problem = f"{len(ids)} tokens, over data.max_prompt_length={max_length}"

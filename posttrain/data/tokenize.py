@@ -51,9 +51,14 @@ def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, messages: list[Message], generation_prompt: bool):
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[Message],
+    generation_prompt: bool,
+    tools: list[dict] | None = None,
+):
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
+        messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
     )
 
 
@@ -61,10 +66,13 @@ def _as_messages(prompt: Prompt) -> list[Message]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool) -> list[int]:
-    """Token ids of a prompt, ready for the model to continue with its answer."""
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: Prompt, chat: bool, tools: list[dict] | None = None
+) -> list[int]:
+    """Token ids of a prompt, ready for the model to continue with its answer; a chat template
+    also gets the schemas of the `tools` the model may call."""
     if chat:
-        return _encode(tokenizer, _render(tokenizer, _as_messages(prompt), True))
+        return _encode(tokenizer, _render(tokenizer, _as_messages(prompt), True, tools))
     if not isinstance(prompt, str):
         raise ValueError("a conversation prompt needs a tokenizer with a chat template")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

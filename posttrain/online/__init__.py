@@ -18,6 +18,7 @@ from posttrain.online.rollouts import (
     step_positions,
     step_rewards,
     task_reward,
+    tool_metrics,
     value_pass,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "sample_groups",
     "sample_scored",
     "sampled_metrics",
+    "tool_metrics",
     "score",
     "step_positions",
     "step_rewards",

@@ -37,6 +37,7 @@ from posttrain.models.reference import Reference
 from posttrain.models.reward import RewardModel
 from posttrain.rewards import CompositeReward, build_composite
 from posttrain.rollout import FinishReason, Sampler, SamplingParams
+from posttrain.rollout.multiturn import EnvironmentSampler
 from posttrain.train.learner import step_indices
 
 
@@ -49,8 +50,10 @@ class Rollout:
     group: int
     """Which prompt of the step it answers: rollouts of one group share their prompt."""
     token_ids: list[int]
-    """The sampled tokens, with the eos or stop token that ended the completion."""
+    """The sampled tokens, with the eos or stop token that ended the completion; multi-turn,
+    the whole trajectory (observations included, masked out)."""
     text: str
+    """What rewards score: the completion, or a multi-turn trajectory's last turn."""
     finish_reason: FinishReason
     sampler_logprobs: torch.Tensor
     completion_mask: torch.Tensor
@@ -66,6 +69,13 @@ class Rollout:
     """Process rewards: `(end_char, score)` of each step, from rewards that score steps."""
     skipped: bool = False
     """A reward failed under the 'skip' fallback: the rollout must leave the update."""
+    transcript: str | None = None
+    """Multi-turn: the whole trajectory's text (None: single-turn)."""
+    turns: int = 1
+    tool_calls: int = 0
+    failed_tool_calls: int = 0
+    env_reward: float = 0.0
+    """Multi-turn: what the environment paid along the way, added to `reward` by `score`."""
     old_logprobs: torch.Tensor | None = None
     ref_logprobs: torch.Tensor | None = None
     values: torch.Tensor | None = None
@@ -91,7 +101,9 @@ class Rollout:
             "correct": self.correct,
             "finish": self.finish_reason,
             "components": self.components,
-        }
+        } | ({} if self.transcript is None else {
+            "transcript": self.transcript, "turns": self.turns, "tool_calls": self.tool_calls,
+        })  # fmt: skip
 
 
 # The per-token tensors micro-batches carry, in this order, when every rollout has them.
@@ -108,8 +120,14 @@ def draw(prompts: Sequence[Prompt], step: int, count: int, seed: int) -> list[Pr
 def sample(
     sampler: Sampler, prompts: Sequence[Prompt], params: SamplingParams, first_group: int = 0
 ) -> list[Rollout]:
-    """`params.n` rollouts of each prompt, prompt-major; groups numbered from `first_group`."""
-    batch = sampler.generate([p.token_ids for p in prompts], params)
+    """`params.n` rollouts of each prompt, prompt-major; groups numbered from `first_group`.
+    A multi-turn sampler starts each episode from the prompt's row (its text and columns)."""
+    ids = [p.token_ids for p in prompts]
+    if isinstance(sampler, EnvironmentSampler):
+        rows = [{"prompt": p.text, **p.fields} for p in prompts]
+        batch = sampler.generate(ids, params, rows=rows)
+    else:
+        batch = sampler.generate(ids, params)
     return [
         Rollout(
             prompt=prompts[c.prompt_index],
@@ -118,8 +136,17 @@ def sample(
             text=c.text,
             finish_reason=c.finish_reason,
             sampler_logprobs=torch.tensor(c.logprobs),
-            completion_mask=torch.ones(len(c.token_ids), dtype=torch.bool),
+            completion_mask=(
+                torch.ones(len(c.token_ids), dtype=torch.bool)
+                if c.mask is None
+                else torch.tensor(c.mask, dtype=torch.bool)
+            ),
             old_logprobs=torch.tensor(c.logprobs),
+            transcript=c.transcript,
+            turns=c.turns,
+            tool_calls=c.tool_calls,
+            failed_tool_calls=c.failed_tool_calls,
+            env_reward=c.env_reward,
         )
         for c in batch.completions
     ]
@@ -196,7 +223,8 @@ def score(
     `components` and `skipped`; with `gold`, also `gold` and the gold components (as
     `gold/<name>`). `correct`: the first gold component, else the first reward component,
     scored at least 1. Returns the composites' per-batch metrics. Reward functions get each
-    prompt's fields and `completion_lengths`."""
+    prompt's fields and `completion_lengths`. A multi-turn rollout's environment reward is
+    added to its reward (as the component 'environment')."""
     if not rollouts:
         return {}
     prompts, texts, columns = reward_inputs(rollouts)
@@ -206,9 +234,12 @@ def score(
         judge, judged = gold, gold(prompts, texts, **columns)
     first = judged.components[judge.components[0].name]
     skipped = output.skipped or [False] * len(rollouts)
+    multi_turn = any(r.transcript is not None for r in rollouts)
     for i, r in enumerate(rollouts):
-        r.reward = float(output.scores[i])
+        r.reward = float(output.scores[i]) + r.env_reward
         r.components = {k: float(v[i]) for k, v in output.components.items()}
+        if multi_turn:
+            r.components["environment"] = r.env_reward
         if gold is not None:
             r.gold = float(judged.scores[i])
             r.components.update({f"gold/{k}": float(v[i]) for k, v in judged.components.items()})
@@ -411,4 +442,27 @@ def sampled_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
     golds = [r.gold for r in rollouts if not math.isnan(r.gold)]
     if golds:
         out["gold"] = mean(golds)
+    if any(r.transcript is not None for r in rollouts):
+        out.update(tool_metrics(rollouts))
     return out
+
+
+def tool_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """Multi-turn rollouts: tool calls per trajectory, the share of calls that worked, turns,
+    the share of trajectories with a call, and reward and accuracy with and without a call
+    (NaN where no trajectory falls in that half)."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    calls = sum(r.tool_calls for r in rollouts)
+    failed = sum(r.failed_tool_calls for r in rollouts)
+    called = [r for r in rollouts if r.tool_calls]
+    silent = [r for r in rollouts if not r.tool_calls]
+    return {
+        "tools/calls": calls / len(rollouts),
+        "tools/call_success": 1 - failed / calls if calls else math.nan,
+        "tools/turns": mean([r.turns for r in rollouts]),
+        "tools/with_call": len(called) / len(rollouts),
+        "tools/reward_with_call": mean([r.reward for r in called if not r.skipped]),
+        "tools/reward_without_call": mean([r.reward for r in silent if not r.skipped]),
+        "tools/accuracy_with_call": mean([float(r.correct) for r in called]),
+        "tools/accuracy_without_call": mean([float(r.correct) for r in silent]),
+    }

@@ -55,7 +55,7 @@ from posttrain.online import (
 )
 from posttrain.recipes.grpo_config import GRPOConfig, GRPOSection
 from posttrain.rewards import CompositeReward, build_composite
-from posttrain.rollout import build_sampler, sampling_params
+from posttrain.rollout import build_sampler, sampling_params, tool_schemas
 from posttrain.train.learner import Learner
 from posttrain.train.run import Run
 
@@ -217,8 +217,9 @@ def run(cfg: GRPOConfig) -> dict:
         cfg.data.max_prompt_length, cfg.model.path, "data.max_prompt_length", s.max_new_tokens
     )
     train, held_out = load_prompts(
-        cfg.data, tokenizer, chat=chat, max_prompt_length=max_prompt, seed=seed
-    )
+        cfg.data, tokenizer, chat=chat, max_prompt_length=max_prompt, seed=seed,
+        tools=tool_schemas(cfg.environment),
+    )  # fmt: skip
     reward = grpo_reward(cfg)
     model = load_model(cfg.model, run.device)
     minibatch = g.minibatch_size or P * G
@@ -230,7 +231,7 @@ def run(cfg: GRPOConfig) -> dict:
             None if cfg.model.lora.enabled else load_model(cfg.model, run.device, trainable=False)
         )
         reference = Reference(model, frozen, autocast=learner.autocast)
-    sampler = build_sampler(s, model, tokenizer, seed)
+    sampler = build_sampler(s, model, tokenizer, seed, cfg.environment, chat=chat)
     run.resume({"policy": learner})
     eval_params = heldout_params(cfg.evaluation, s, seed)
 
@@ -274,7 +275,7 @@ def run(cfg: GRPOConfig) -> dict:
     def loss_fn(model, mb: MicroBatch, scale: float, diff: list | None) -> tuple:
         logprobs, entropy = completion_logprobs(model, mb, s.temperature)
         if diff is not None:  # the policy has not moved since sampling: check the reuse
-            diff.append(float((logprobs.detach() - mb.old_logprobs).abs().max()))
+            diff.append(float(((logprobs.detach() - mb.old_logprobs).abs() * mb.mask).max()))
         loss, metrics = objective(logprobs, mb, g, s.max_new_tokens)
         metrics["entropy"] = (entropy * mb.mask).sum()
         # The learner divides metric sums by the minibatch's weight; `scale` makes token means.

@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from posttrain.config import (
+    EnvironmentConfig,
     EvaluationConfig,
     ModelConfig,
     OptimConfig,
@@ -120,6 +121,9 @@ class GRPOConfig(Section):
     when it scores at least 1 there."""
     sampling: SamplingConfig = SamplingConfig()
     """The rollout engine and how completions are sampled."""
+    environment: EnvironmentConfig = EnvironmentConfig()
+    """Multi-turn rollouts with tools or an environment of your own (docs/tools.md); tokens
+    the environment wrote leave every loss and KL."""
     evaluation: EvaluationConfig = EvaluationConfig()
     """Held-out evaluation (greedy by default) every run.eval_every steps."""
     grpo: GRPOSection = GRPOSection()

@@ -73,7 +73,7 @@ from posttrain.online import (
 )
 from posttrain.recipes.ppo_config import PPOConfig, PPOSection
 from posttrain.rewards import CompositeReward, build_composite
-from posttrain.rollout import build_sampler, sampling_params
+from posttrain.rollout import build_sampler, sampling_params, tool_schemas
 from posttrain.train.learner import Learner, step_indices
 from posttrain.train.run import Run
 
@@ -185,7 +185,7 @@ def policy_loss(
         return coef * nll * total, {"ptx/nll": nll.detach() * total}
     logprobs, entropy = completion_logprobs(model, mb, temperature)
     if diff is not None:  # the policy has not moved since sampling: check pi_old's reuse
-        diff.append(float((logprobs.detach() - mb.old_logprobs).abs().max()))
+        diff.append(float(((logprobs.detach() - mb.old_logprobs).abs() * mb.mask).max()))
     loss, m = ppo_policy_loss(
         logprobs, mb.old_logprobs, mb.advantages, mb.mask, clip_eps_low=p.clip_eps,
         agg="token_mean", denominator=1.0,
@@ -253,8 +253,9 @@ def run(cfg: PPOConfig) -> dict:
         cfg.data.max_prompt_length, cfg.model.path, "data.max_prompt_length", s.max_new_tokens
     )
     train, held_out = load_prompts(
-        cfg.data, tokenizer, chat=chat, max_prompt_length=max_prompt, seed=seed
-    )
+        cfg.data, tokenizer, chat=chat, max_prompt_length=max_prompt, seed=seed,
+        tools=tool_schemas(cfg.environment),
+    )  # fmt: skip
     ptx_train, ptx_eval = [], []
     if cfg.ptx.train:
         records = load_train_eval(
@@ -280,7 +281,7 @@ def run(cfg: PPOConfig) -> dict:
     critic_learner = Learner(
         critic, run.dist, total_steps=total_updates, **cfg.critic.optim.model_dump()
     )
-    sampler = build_sampler(s, policy, tokenizer, seed)
+    sampler = build_sampler(s, policy, tokenizer, seed, cfg.environment, chat=chat)
     controller = (
         AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon)
         if p.kl_target

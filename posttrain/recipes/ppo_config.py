@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from posttrain.config import (
+    EnvironmentConfig,
     EvaluationConfig,
     LoraConfig,
     ModelConfig,
@@ -114,6 +115,9 @@ class PPOConfig(Section):
     something else."""
     sampling: SamplingConfig = SamplingConfig()
     """The rollout engine and how completions are sampled."""
+    environment: EnvironmentConfig = EnvironmentConfig()
+    """Multi-turn rollouts with tools or an environment of your own (docs/tools.md); tokens
+    the environment wrote leave every loss and KL."""
     evaluation: EvaluationConfig = EvaluationConfig()
     """Held-out evaluation (greedy by default) every run.eval_every steps."""
     ppo: PPOSection = PPOSection()

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from posttrain.rewards.base import RewardOutput
-from posttrain.rewards.sandbox import SandboxLimits, run_python
+from posttrain.sandbox import SandboxLimits, run_python
 
 FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 PYTHON_TAGS = {"python", "py", "python3"}

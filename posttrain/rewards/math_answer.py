@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from posttrain.rewards.base import RewardOutput
-from posttrain.rewards.deadline_pool import TIMED_OUT, DeadlinePool
 from posttrain.rewards.extraction import Extract, extract_answer
+from posttrain.sandbox.deadline_pool import TIMED_OUT, DeadlinePool
 
 log = logging.getLogger(__name__)
 

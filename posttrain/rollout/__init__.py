@@ -9,6 +9,9 @@ Public API (everything a recipe needs; nothing else in posttrain calls `model.ge
     HFSampler(model, tokenizer=None, *, eos_token_ids=None, seed=0)   the built-in engine
     build_sampler(sampling_config, policy, tokenizer, seed)   the engine a config names (ENGINES)
     sampling_params(sampling_config, n=1, seed=None) -> SamplingParams
+    EnvironmentSampler(sampler, tokenizer, make_env, max_turns=4, turn_stop=(), chat=False)
+                                  multi-turn trajectories against an environment (multiturn.py)
+    tool_schemas(environment_config) -> list[dict] | None   the tools a chat template lists
     RolloutBatch(prompt_ids, completions, prompt_tokens, generated_tokens,
                  prefill_seconds, decode_seconds)   .seconds, .tokens_per_second
     Completion(prompt_index, token_ids, logprobs, finish_reason, text)
@@ -30,7 +33,7 @@ Example:
         prompt = batch.prompt_ids[c.prompt_index]
 """
 
-from posttrain.rollout.engines import ENGINES, build_sampler, sampling_params
+from posttrain.rollout.engines import ENGINES, build_sampler, sampling_params, tool_schemas
 from posttrain.rollout.hf_sampler import HFSampler
 from posttrain.rollout.interface import (
     Completion,
@@ -39,10 +42,12 @@ from posttrain.rollout.interface import (
     Sampler,
     SamplingParams,
 )
+from posttrain.rollout.multiturn import EnvironmentSampler
 
 __all__ = [
     "ENGINES",
     "Completion",
+    "EnvironmentSampler",
     "FinishReason",
     "HFSampler",
     "RolloutBatch",
@@ -50,4 +55,5 @@ __all__ = [
     "SamplingParams",
     "build_sampler",
     "sampling_params",
+    "tool_schemas",
 ]

@@ -89,7 +89,20 @@ class Completion:
     finish_reason: FinishReason
     text: str | None = None
     """Decoded completion (needs a tokenizer): without the final eos / stop token, special
-    tokens skipped, cut right before a stop string."""
+    tokens skipped, cut right before a stop string. Multi-turn: the last turn's."""
+    mask: list[bool] | None = None
+    """Multi-turn (`multiturn.py`): True where the policy wrote the token, False where an
+    environment did (their logprobs are 0). None: the policy wrote every token."""
+    transcript: str | None = None
+    """Multi-turn: the whole trajectory's text, observations included."""
+    turns: int = 1
+    """Turns the policy wrote."""
+    tool_calls: int = 0
+    """Multi-turn: calls the environment parsed from the policy's turns ..."""
+    failed_tool_calls: int = 0
+    """... and of those, the ones that failed (malformed, unknown, raised, timed out)."""
+    env_reward: float = 0.0
+    """Multi-turn: the rewards the environment gave along the way (e.g. per-call costs)."""
 
 
 @dataclass

@@ -21,7 +21,7 @@ from posttrain.rewards.code import (
     outputs_match,
     parse_tests,
 )
-from posttrain.rewards.sandbox import sandbox_available
+from posttrain.sandbox import sandbox_available
 
 
 @pytest.fixture

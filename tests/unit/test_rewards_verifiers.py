@@ -90,7 +90,7 @@ def test_pool_workers_exit_when_their_parent_is_killed():
     # A run killed by SIGKILL never shuts its pool down; its workers must not linger as orphans.
     script = (
         "import os, time\n"
-        "from posttrain.rewards.deadline_pool import DeadlinePool\n"
+        "from posttrain.sandbox.deadline_pool import DeadlinePool\n"
         "print(*DeadlinePool(os.getpid, workers=2).run([(), ()]), flush=True)\n"
         "time.sleep(600)\n"
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.rewards.sandbox import SandboxLimits, run_python, sandbox_available
+from posttrain.sandbox import SandboxLimits, run_python, sandbox_available
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -418,7 +418,7 @@ def test_a_killed_trainer_leaves_nothing_behind(tmp_path):
         f"""
         import os, sys
         sys.path.insert(0, {str(REPO)!r})
-        from posttrain.rewards.sandbox import SandboxLimits, run_python
+        from posttrain.sandbox import SandboxLimits, run_python
         limits = SandboxLimits(wall_s=60, cpu_s=5, memory_mb=128, max_processes=4)
         code = "import time; time.sleep(60)"
         run_python(code, args=[os.environ["TOKEN"]], limits=limits)
@@ -450,7 +450,7 @@ def test_fails_loudly_where_user_namespaces_are_off():
     if shutil.which("unshare") is None:
         no_sandbox("this test needs util-linux `unshare` to build its outer namespace")
     script = (
-        "from posttrain.rewards.sandbox import run_python, SandboxUnavailable\n"
+        "from posttrain.sandbox import run_python, SandboxUnavailable\n"
         "try:\n    print(run_python('print(1)'))\n"
         "except SandboxUnavailable as e:\n    print('unavailable:', e)\n"
     )

@@ -5,7 +5,7 @@
 
 Three processes, each doing one job (threat model and limits: docs/sandbox.md):
 
-    parent (run_python)  spawns `python -I -S sandbox.py --sandbox-init` with a clean environment,
+    parent (run_python)  spawns `python -I -S python.py --sandbox-init` with a clean environment,
       |                  streams stdin, reads stdout/stderr up to a cap, enforces the wall clock
       A (setup)          unshares user, mount, pid, net, ipc, uts and cgroup namespaces; a forked
       |                  helper that stays outside writes the uid/gid maps
@@ -24,7 +24,7 @@ its pid namespace, and the namespace's mounts (everything the code wrote) vanish
 parent stops a run by asking A to kill C, so `run_python` returns only after the namespace is
 empty.
 
-This module runs as A, C and D too (`python -I -S sandbox.py --sandbox-init`, then
+This module runs as A, C and D too (`python -I -S python.py --sandbox-init`, then
 `--sandbox-pid1` from inside the root), so it imports only the standard library.
 """
 
@@ -404,7 +404,7 @@ def sandbox_available() -> tuple[bool, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Sandbox side: A, C and D run the functions below (`python -I -S sandbox.py --sandbox-init`).
+# Sandbox side: A, C and D run the functions below (`python -I -S python.py --sandbox-init`).
 
 _libc = None
 
