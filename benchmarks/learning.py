@@ -97,12 +97,14 @@ MATH_FINAL = [{"name": "math", "options": {"extract": "full", "answer_pattern": 
 # credit for each leading letter in place, so a reward moves before the first exact answer.
 SPELL_BACKWARD = {"dataset": "spell_backward", "config": {"min_word_len": 3, "max_word_len": 6}}
 # Real models (--model): the recipes' own learning rates, pi_old recomputed (bf16 decode),
-# smaller forward passes for 512-token completions.
+# room for IFEval's longer prompts, smaller forward passes for 512-token completions.
 MODEL_OVERRIDES = {
-    "grpo": ["optim.lr=1e-6", "grpo.old_logprobs=recompute", "grpo.micro_batch_size=16"],
+    "grpo": ["optim.lr=1e-6", "grpo.old_logprobs=recompute", "grpo.micro_batch_size=16",
+             "data.max_prompt_length=1024"],
     "ppo": ["optim.lr=1e-6", "critic.optim.lr=1e-5", "ppo.old_logprobs=recompute",
-            "ppo.micro_batch_size=16"],
-    "iterative_dpo": ["dpo.optim.lr=1e-6", "dpo.train.micro_batch_size=4"],
+            "ppo.micro_batch_size=16", "data.max_prompt_length=1024"],
+    "iterative_dpo": ["dpo.optim.lr=1e-6", "dpo.train.micro_batch_size=4",
+                      "data.max_prompt_length=1024"],
 }  # fmt: skip
 
 
@@ -124,7 +126,7 @@ TASKS: dict[str, Task] = {
     "worked_sums": Task("worked two-digit sums", MATH_FINAL, 32, {"weak": 150, "strong": 250},
                         9500, 500),
     "spell_backward": Task("reasoning-gym spell_backward", [{"name": "reasoning_gym"}], 32,
-                           {"weak": 200, "strong": 400}, 5000, 300),
+                           {"weak": 400, "strong": 1000}, 5000, 300),
     "gsm_symbolic": Task("GSM-style word problems", [{"name": "math"}], 512, {"model": 0},
                          2000, 200, needs_model=True),
     "ifeval": Task("IFEval instructions", [{"name": "ifeval"}], 512, {"model": 0}, 0, 0,
@@ -211,7 +213,7 @@ def reasoning_gym_start(folder: Path, task: Task, steps: int) -> Path:
     from posttrain.models.tiny import save_tiny
     from posttrain.recipes import sft
 
-    train, held_out = task_rows("reasoning_gym", folder, task, SPELL_BACKWARD)
+    train, _ = task_rows("reasoning_gym", folder, task, SPELL_BACKWARD)
     demos = write_rows(
         [{"prompt": r["prompt"], "completion": f"<answer>{r['answer']}</answer>"} for r in train],
         folder / "data/sft.jsonl",
@@ -605,6 +607,7 @@ def run_cell(cell: Cell, start: dict, settings: dict, out: Path, args) -> dict:
               "command": command_line(spec)}  # fmt: skip
     if sanity:
         record["before"] = {"greedy": before["start_greedy"], "sampled": before["start_sampled"]}
+        record["sanity_prompts"] = size
     else:
         record["before"] = before
     if code:
@@ -689,13 +692,14 @@ def table(cells: list[Cell], skipped: list[tuple[str, str, str, str]]) -> str:
         check = passed = "-"
         if sane:
             before = 100 * sane[0]["before"]["sampled"]
-            check = f"{before:.1f} -> {mean_std([r['after']['sampled'] for r in sane])}"
+            after = mean_std([r["after"]["sampled"] for r in sane])
+            check = f"{before:.1f} -> {after} ({sane[0].get('sanity_prompts', '?')} prompts)"
             passed = f"{sum(r['after']['sampled'] > 0.95 for r in sane)}/{len(sane)}"
         elif kinds["sanity"] and all("skipped" in r for r in kinds["sanity"]):
             check = kinds["sanity"][0]["skipped"]
         seeds = len(ok)
         if errors:
-            greedy += f" (failed: {errors[0]})"
+            greedy += f" (failed: {errors[0][:120]})"
         lines.append(f"| {task} | {start} | {algo} | {seeds} | {greedy} | {sampled} | {plus5} "
                      f"| {to_best} | {check} | {passed} |")  # fmt: skip
     for task, start, algo, reason in skipped:
