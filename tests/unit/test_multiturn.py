@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -27,19 +25,10 @@ from posttrain.recipes.ppo_config import PPOSection
 from posttrain.rewards import build_composite
 from posttrain.rollout import Completion, HFSampler, RolloutBatch, SamplingParams
 from posttrain.rollout.multiturn import EnvironmentSampler, chat_observation
-from posttrain.tools import CALL_CLOSE, ToolEnvironment, build_tools
+from posttrain.tools import CALL_CLOSE, Observation, ToolEnvironment, build_tools
 
 # A quarter of the byte tokens end a turn, so the tiny random model writes short turns.
 STOPS = tuple(range(3, 256, 4))
-
-
-@dataclass
-class Reply:
-    text: str
-    done: bool
-    reward: float = 0.0
-    calls: int = 0
-    failed_calls: int = 0
 
 
 class Counter:
@@ -54,11 +43,11 @@ class Counter:
         self.turns = min(self.turns, len(row["prompt"]) % 3 + 1)
         return ""
 
-    def step(self, turn: str) -> Reply:
+    def step(self, turn: str) -> Observation:
         self.seen += 1
         if self.seen >= self.turns:
-            return Reply("", done=True)
-        return Reply(f"<obs {self.seen}>", done=False, reward=-0.1, calls=1)
+            return Observation("", done=True)
+        return Observation(f"<obs {self.seen}>", done=False, reward=-0.1, calls=1)
 
 
 class CountingSampler(HFSampler):
