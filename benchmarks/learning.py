@@ -35,7 +35,8 @@ sample budget, the same for every algorithm: 32 prompts x 8 completions a step.
 - grpo, dr_grpo, dapo, rloo, reinforce_pp: `algo=X grpo.beta=null` (each algorithm's own KL).
 - ppo: 256 prompts x 1 completion a step (its default of one sample per prompt).
 - iterative_dpo: min(4, steps) rounds of 8 samples of 32 x steps / rounds prompts, each
-  round's DPO run as long as the example's 75 steps per 2000 prompts, scaled.
+  round's DPO run 2 passes over the round's pairs (`iterate.dpo_epochs=2`: about what the
+  example's 75 steps of 32 make over the ~1,100 pairs its rounds find).
 - trl_grpo: TRL 1.12's GRPOTrainer in `benchmarks/.venv-trl-ppo` (which also needs
   math-verify and reasoning_gym: `pip install math-verify==0.9.0 reasoning_gym==0.1.25`), with
   its defaults except: the same start, prompts, reward (posttrain's reward functions, called
@@ -72,6 +73,7 @@ printed. docs/learning.md has the method and the measured table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -100,11 +102,11 @@ SPELL_BACKWARD = {"dataset": "spell_backward", "config": {"min_word_len": 3, "ma
 # room for IFEval's longer prompts, smaller forward passes for 512-token completions.
 MODEL_OVERRIDES = {
     "grpo": ["optim.lr=1e-6", "grpo.old_logprobs=recompute", "grpo.micro_batch_size=16",
-             "data.max_prompt_length=1024"],
+             "data.max_prompt_length=2048"],
     "ppo": ["optim.lr=1e-6", "critic.optim.lr=1e-5", "ppo.old_logprobs=recompute",
-            "ppo.micro_batch_size=16", "data.max_prompt_length=1024"],
+            "ppo.micro_batch_size=16", "data.max_prompt_length=2048"],
     "iterative_dpo": ["dpo.optim.lr=1e-6", "dpo.train.micro_batch_size=4",
-                      "data.max_prompt_length=1024"],
+                      "data.max_prompt_length=2048"],
 }  # fmt: skip
 
 
@@ -255,7 +257,7 @@ def load_prompt_file(path: str, size: int, tokenizer, needs_model: bool) -> list
     chat_template = "auto" if needs_model else "never"
     data = PromptDataConfig(train=path, train_size=size, eval_size=0, chat_template=chat_template)
     chat = uses_chat_template(tokenizer, chat_template)
-    return load_prompts(data, tokenizer, chat=chat, max_prompt_length=1024, seed=0)[0]
+    return load_prompts(data, tokenizer, chat=chat, max_prompt_length=2048, seed=0)[0]
 
 
 def sample_prompts(
@@ -359,7 +361,7 @@ def recipe_overrides(spec: dict) -> tuple[str, Path, list[str]]:
         rounds, per_round = idpo_rounds(steps)
         extra = [f"dpo.model.path={spec['model']}", f"run.max_steps={rounds}", "run.eval_every=1",
                  f"iterate.prompts_per_round={per_round}", f"iterate.samples_per_prompt={G}",
-                 f"dpo.run.max_steps={max(1, round(75 * per_round / 2000))}",
+                 "iterate.dpo_epochs=2",
                  f"dpo.run.seed={seed}", f"dpo.reference.cache_dir={out}/reference-cache"]  # fmt: skip
     scale = MODEL_OVERRIDES[recipe] if spec["needs_model"] else []
     return recipe, REPO / "examples" / example, data + extra + scale
@@ -552,8 +554,10 @@ class Cell:
         return f"{self.task}/{self.start}/{self.algo}/{self.kind}-seed{self.seed}"
 
 
-def trl_missing(task: Task) -> str | None:
-    """Why TRL cannot run this task here, or None."""
+@functools.cache
+def trl_missing(name: str) -> str | None:
+    """Why TRL cannot run the task `name` here, or None."""
+    task = TASKS[name]
     python = TRL_VENV / "bin/python"
     if not python.exists():
         return f"{python} missing (benchmarks/ppo.py says how to make it)"
@@ -707,6 +711,33 @@ def table(cells: list[Cell], skipped: list[tuple[str, str, str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prepare_start(name: str, start_name: str, settings: dict, args) -> dict:
+    """The start with its held-out scores and sanity set, or `{"error"}` when it cannot be
+    built (the other tasks still run)."""
+    task = TASKS[name]
+    try:
+        start = build_start(name, start_name, Path(args.starts_dir), args.model)
+        start["before"] = start_eval(start, task, settings["eval_size"])
+        if not args.no_sanity:
+            start["sanity"] = sanity_set(start, task, args.sanity_pool)
+    except Exception as error:  # e.g. a task generator that fails on one of its templates
+        print(f"{name}/{start_name}: start not built: {type(error).__name__}: {error}")
+        return {"error": f"start not built: {type(error).__name__}: {error}"}
+    return start
+
+
+def plan(args) -> list[tuple[int, str, str]]:
+    """(seed, task, start) in the order they run: seed by seed, so that a partial run already
+    has a row for every cell. Tasks run with --model have the one start "model"."""
+    return [
+        (seed, name, start)
+        for seed in args.seeds
+        for name in args.tasks
+        for start in TASKS[name].starts
+        if TASKS[name].needs_model or start in args.starts
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worker", choices=["cell", "trl"], help=argparse.SUPPRESS)
@@ -746,45 +777,37 @@ def main() -> None:
     cells: list[Cell] = []
     skipped: list[tuple[str, str, str, str]] = []
     starts: dict[tuple[str, str], dict] = {}
-    trl_reason: dict[str, str | None] = {}
-    for seed in args.seeds:
-        for name in args.tasks:
-            task = TASKS[name]
-            if task.needs_model and not args.model:
-                if seed == args.seeds[0]:
-                    skipped.append((name, "-", "all", "needs --model PATH (a Hugging Face model "
-                                    "that can attempt it; a random-init tiny model cannot)"))  # fmt: skip
+    kinds = ["heldout"] + ([] if args.no_sanity else ["sanity"])
+    for seed, name, start_name in plan(args):
+        task, first = TASKS[name], seed == args.seeds[0]
+        if task.needs_model and not args.model:
+            reason = (
+                "needs --model PATH (a model that can attempt it; a random-init tiny one cannot)"
+            )
+            skipped += [(name, start_name, "all", reason)] if first else []
+            continue
+        task_settings = settings.for_task(task)
+        if (name, start_name) not in starts:
+            starts[name, start_name] = prepare_start(name, start_name, task_settings, args)
+        start = starts[name, start_name]
+        if "error" in start:
+            skipped += [(name, start_name, "all", start["error"])] if first else []
+            continue
+        for algo in args.algos:
+            reason = trl_missing(name) if algo == "trl_grpo" else None
+            if reason:
+                skipped += [(name, start_name, algo, reason)] if first else []
                 continue
-            task_settings = settings.for_task(task)
-            for start_name in [s for s in task.starts if task.needs_model or s in args.starts]:
-                key = (name, start_name)
-                if key not in starts:
-                    start = build_start(name, start_name, Path(args.starts_dir), args.model)
-                    start["before"] = start_eval(start, task, task_settings["eval_size"])
-                    if not args.no_sanity:
-                        start["sanity"] = sanity_set(start, task, args.sanity_pool)
-                    starts[key] = start
-                start = starts[key]
-                for algo in args.algos:
-                    if algo == "trl_grpo":
-                        if name not in trl_reason:
-                            trl_reason[name] = trl_missing(task)
-                        if trl_reason[name]:
-                            if seed == args.seeds[0]:
-                                skipped.append((name, start_name, algo, trl_reason[name]))
-                            continue
-                    kinds = ["heldout"] + ([] if args.no_sanity else ["sanity"])
-                    for kind in kinds:
-                        cell = Cell(name, start_name, algo, seed, kind)
-                        if kind == "sanity" and not start["sanity"]["kept"]:
-                            pool = start["sanity"]["pool"]
-                            cell.result = {"skipped": f"no prompt of {pool} in the 20-80% band"}
-                        else:
-                            cell.result = run_cell(cell, start, task_settings, out, args)
-                        cells.append(cell)
-                        markdown = table(cells, skipped)
-                        (out / "table.md").parent.mkdir(parents=True, exist_ok=True)
-                        (out / "table.md").write_text(markdown)
+            for kind in kinds:
+                cell = Cell(name, start_name, algo, seed, kind)
+                if kind == "sanity" and not start["sanity"]["kept"]:
+                    pool = start["sanity"]["pool"]
+                    cell.result = {"skipped": f"no prompt of {pool} in the 20-80% band"}
+                else:
+                    cell.result = run_cell(cell, start, task_settings, out, args)
+                cells.append(cell)
+                out.mkdir(parents=True, exist_ok=True)
+                (out / "table.md").write_text(table(cells, skipped))
     print("\n" + table(cells, skipped))
     print(f"written: {out / 'table.md'}")
 

@@ -181,9 +181,11 @@ class PromptDataConfig(Section):
 class SamplingConfig(Section):
     """How the online recipes sample completions from the policy."""
 
-    engine: Literal["builtin"] = "builtin"
+    engine: Literal["builtin", "vllm"] = "builtin"
     """The rollout engine (`posttrain.rollout.ENGINES`): 'builtin' is posttrain's sampler in
-    the training process (shared-prompt KV cache; it samples with the policy's live weights)."""
+    the training process (shared-prompt KV cache; it samples with the policy's live weights);
+    'vllm' runs vLLM's engine in the training process (install vLLM first; it holds its own
+    copy of the weights, synced by `update_weights` after each optimizer step)."""
     max_new_tokens: int = Field(256, ge=1)
     """Longest completion; longer ones are cut (finish reason 'length': truncated)."""
     temperature: float = Field(1.0, gt=0)

@@ -12,6 +12,7 @@ from posttrain.data.prompts import Prompt
 from posttrain.online import Rollout, sample_scored, sampled_metrics
 from posttrain.rewards import CompositeReward
 from posttrain.rollout import Sampler, SamplingParams
+from posttrain.train.distributed import Dist
 
 
 @dataclass
@@ -28,10 +29,11 @@ def evaluate_prompts(
     reward: CompositeReward,
     params: SamplingParams,
     gold: CompositeReward | None = None,
+    dist: Dist | None = None,
 ) -> HeldOutResult:
     """`params.n` completions of every prompt, scored (and with `gold`, gold-scored); metrics
-    are means over them."""
-    groups = sample_scored(sampler, prompts, reward, params, gold)
+    are means over them. With `dist`, each process samples its share and all get the result."""
+    groups = sample_scored(sampler, prompts, reward, params, gold, dist=dist)
     rollouts = [r for group in groups for r in group]
     metrics = {f"eval/{k}": v for k, v in sampled_metrics(rollouts).items()}
     return HeldOutResult(metrics, rollouts)

@@ -58,9 +58,14 @@ class RewardModel(torch.nn.Module):
         batch: Batch,
         last_index: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        *,
+        per_token: bool = False,
     ) -> torch.Tensor:
         """`batch` packed: `last_index` `(S,)` gives each sequence's last token in the row.
-        Padded: `(S, T)` rows, scored by the classifier's own pooling."""
+        Padded: `(S, T)` rows, scored by the classifier's own pooling. `per_token`: the
+        `token_scores` of a packed batch (through `forward`, so DDP sees the call)."""
+        if per_token:
+            return self.token_scores(batch)
         if batch.packed:
             hf = classifier_of(self.classifier)
             if not self.last_token:

@@ -21,6 +21,7 @@ forward pass; `forward_logprobs` recomputes it where an engine's numerics differ
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields, replace
@@ -38,6 +39,7 @@ from posttrain.models.reward import RewardModel
 from posttrain.rewards import CompositeReward, build_composite
 from posttrain.rollout import FinishReason, Sampler, SamplingParams
 from posttrain.rollout.multiturn import EnvironmentSampler
+from posttrain.train.distributed import Dist
 from posttrain.train.learner import step_indices
 
 
@@ -120,9 +122,12 @@ def draw(prompts: Sequence[Prompt], step: int, count: int, seed: int) -> list[Pr
 def sample(
     sampler: Sampler, prompts: Sequence[Prompt], params: SamplingParams, first_group: int = 0
 ) -> list[Rollout]:
-    """`params.n` rollouts of each prompt, prompt-major; groups numbered from `first_group`.
-    A multi-turn sampler starts each episode from the prompt's row (its text and columns)."""
+    """`params.n` rollouts of each prompt, prompt-major; groups numbered from `first_group`,
+    which also offsets the seeded streams (`SamplingParams.first_prompt`), so prompts sampled
+    in parts sample what they would together. A multi-turn sampler starts each episode from
+    the prompt's row (its text and columns)."""
     ids = [p.token_ids for p in prompts]
+    params = replace(params, first_prompt=params.first_prompt + first_group)
     if isinstance(sampler, EnvironmentSampler):
         rows = [{"prompt": p.text, **p.fields} for p in prompts]
         batch = sampler.generate(ids, params, rows=rows)
@@ -156,13 +161,11 @@ def sample_groups(
     sampler: Sampler, prompts: Sequence[Prompt], params: SamplingParams, chunk: int = 64
 ) -> list[tuple[Prompt, list[Rollout]]]:
     """`params.n` rollouts of each prompt, grouped by prompt, keeping one rollout of each
-    distinct non-empty text (what labelling ranks). Sampled `chunk` prompts at a time, the
-    chunk starting at prompt k seeded `params.seed + k` (unseeded when `params.seed` is None)."""
+    distinct non-empty text (what labelling ranks). Sampled `chunk` prompts at a time."""
     groups = []
     for start in range(0, len(prompts), chunk):
-        seed = None if params.seed is None else params.seed + start
         with torch.inference_mode():
-            rollouts = sample(sampler, prompts[start : start + chunk], replace(params, seed=seed))
+            rollouts = sample(sampler, prompts[start : start + chunk], params, first_group=start)
         for i in range(0, len(rollouts), params.n):
             distinct: dict[str, Rollout] = {}
             for r in rollouts[i : i + params.n]:
@@ -179,17 +182,104 @@ def sample_scored(
     params: SamplingParams,
     gold: CompositeReward | None = None,
     chunk: int = 256,
+    dist: Dist | None = None,
 ) -> list[list[Rollout]]:
     """`params.n` scored (and with `gold`, gold-scored) rollouts of each prompt, one list per
     prompt, sampled `chunk` prompts per sampler call: what held-out evaluation, best-of-N and
-    the round-based recipes (iterative DPO, RFT) read."""
+    the round-based recipes (iterative DPO, RFT) read. With `dist`, each process samples and
+    scores its share of the prompts and every process gets all of them."""
+    mine = range(len(prompts)) if dist is None else dist.share(len(prompts))
     rollouts: list[Rollout] = []
-    for start in range(0, len(prompts), chunk):
-        part = sample(sampler, prompts[start : start + chunk], params, first_group=start)
+    for start in range(mine.start, mine.stop, chunk):
+        part = sample(sampler, prompts[start : min(start + chunk, mine.stop)], params, start)
         score(part, reward, gold)
         rollouts += part
+    if dist is not None:
+        rollouts = dist.all_gather(rollouts)
     n = params.n
     return [rollouts[k * n : (k + 1) * n] for k in range(len(prompts))]
+
+
+def sample_step(
+    sampler: Sampler,
+    prompts: Sequence[Prompt],
+    params: SamplingParams,
+    reward: CompositeReward,
+    dist: Dist,
+    first_group: int = 0,
+    gold: CompositeReward | None = None,
+) -> tuple[list[Rollout], dict[str, float]]:
+    """A training step's rollouts: each process samples and scores its contiguous share of
+    `prompts` (whole groups: a group's rewards are computed where it was sampled), then every
+    process gets every rollout, prompt-major as one process would have them, and the reward
+    metrics (failures summed over processes, seconds the slowest's); with `gold`, gold-scored."""
+    mine = dist.share(len(prompts))
+    rollouts = sample(sampler, prompts[mine.start : mine.stop], params, first_group + mine.start)
+    metrics = score(rollouts, reward, gold)
+    if dist.world_size == 1:
+        return rollouts, metrics
+    every = dist.all_gather([metrics])
+    combined = {
+        k: (max if k.endswith("seconds") else sum)(m[k] for m in every if k in m) for k in every[0]
+    }
+    return dist.all_gather(rollouts), combined
+
+
+def shared_pass(rollouts: Sequence[Rollout], dist: Dist | None, fn) -> list:
+    """`fn(part)` -> one value per rollout of `part`, run by each process on its share of
+    `rollouts`; every process gets the values of all of them, in order."""
+    if dist is None or dist.world_size == 1:
+        return list(fn(rollouts))
+    mine = dist.share(len(rollouts))
+    values = list(fn(rollouts[mine.start : mine.stop])) if len(mine) else []
+    return dist.all_gather(values)
+
+
+def sync_weights(sampler: Sampler, policy: torch.nn.Module) -> float:
+    """Hand an engine that holds its own copy of the weights (vLLM) the policy's current ones,
+    after the step's optimizer steps and before it samples again; the built-in sampler reads
+    the live module and needs nothing. Returns the seconds it took."""
+    engine = sampler.sampler if isinstance(sampler, EnvironmentSampler) else sampler
+    update = getattr(engine, "update_weights", None)
+    if update is None:
+        return 0.0
+    began = time.perf_counter()
+    update(getattr(policy, "module", policy))
+    return time.perf_counter() - began
+
+
+def sampler_gap(rollouts: Sequence[Rollout]) -> dict[str, float]:
+    """How far the sampler's log-probs are from pi_old recomputed by the learner, over the
+    policy's tokens (an engine's numerics: bf16 decode, vLLM kernels)."""
+    gaps = [(r.old_logprobs - r.sampler_logprobs).abs()[r.completion_mask] for r in rollouts]
+    gap = torch.cat(gaps) if gaps else torch.zeros(0)
+    if not len(gap):
+        return {}
+    return {
+        "sampler_logprob_gap/mean": float(gap.mean()),
+        "sampler_logprob_gap/max": float(gap.max()),
+    }
+
+
+def train_share(items: Sequence, dist: Dist) -> tuple[list, bool]:
+    """This process's contiguous share of a minibatch, and whether it is real: with fewer
+    items than processes, a process without a share gets a stand-in item to train on with
+    weight 0 and `zero_loss` (every process must run a backward pass for the gradients to be
+    averaged over them)."""
+    mine = dist.share(len(items))
+    if len(mine) == 0:
+        return list(items[:1]), False
+    return list(items[mine.start : mine.stop]), True
+
+
+def zero_loss(loss_fn):
+    """`loss_fn` with its loss and metric sums times 0: a stand-in micro-batch's."""
+
+    def zeroed(model, mb):
+        loss, metrics = loss_fn(model, mb)
+        return loss * 0, {k: v * 0 for k, v in metrics.items()}
+
+    return zeroed
 
 
 def task_reward(specs: Sequence[dict] | None, data: PromptDataConfig) -> CompositeReward:
@@ -383,28 +473,53 @@ def forward_logprobs(
 
 
 def reference_pass(
-    reference: Reference, rollouts: Sequence[Rollout], size: int, temperature: float
+    reference: Reference,
+    rollouts: Sequence[Rollout],
+    size: int,
+    temperature: float,
+    dist: Dist | None = None,
 ) -> None:
     """Set each rollout's `ref_logprobs` with `reference` (a frozen copy, or the policy with
-    its LoRA adapters disabled)."""
+    its LoRA adapters disabled); with `dist`, each process computes its share."""
     if not rollouts:
         return
-    with reference.model() as module:
-        logprobs = forward_logprobs(
-            module, rollouts, size, temperature, autocast=reference.autocast
-        )
+
+    def part(rollouts: Sequence[Rollout]) -> list[torch.Tensor]:
+        with reference.model() as module:
+            return forward_logprobs(
+                module, rollouts, size, temperature, autocast=reference.autocast
+            )
+
+    logprobs = shared_pass(rollouts, dist, part)
     for r, lp in zip(rollouts, logprobs, strict=True):
         r.ref_logprobs = lp
 
 
-@torch.no_grad()
 def value_pass(
-    critic: RewardModel, rollouts: Sequence[Rollout], size: int, *, autocast=nullcontext
+    critic: RewardModel,
+    rollouts: Sequence[Rollout],
+    size: int,
+    *,
+    autocast=nullcontext,
+    dist: Dist | None = None,
 ) -> None:
     """Set each rollout's `values` `(T,)`: the critic's V(s_t) of the state before each
-    completion token (`RewardModel.token_scores`), from a no-grad forward in eval mode."""
+    completion token (`RewardModel.token_scores`), from a no-grad forward in eval mode; with
+    `dist`, each process computes its share."""
     if not rollouts:
         return
+    values = shared_pass(rollouts, dist, lambda part: critic_values(critic, part, size, autocast))
+    for r, v in zip(rollouts, values, strict=True):
+        r.values = v
+
+
+@torch.no_grad()
+def critic_values(
+    critic: RewardModel, rollouts: Sequence[Rollout], size: int, autocast=nullcontext
+) -> list[torch.Tensor]:
+    """Each rollout's `(T,)` values from `critic` (no grad, eval mode)."""
+    if not rollouts:
+        return []
     was_training, device = critic.training, next(critic.parameters()).device
     critic.eval()
     try:
@@ -415,10 +530,7 @@ def value_pass(
             ]
     finally:
         critic.train(was_training)
-    for r, v in zip(
-        rollouts, torch.cat(values).split([len(r.token_ids) for r in rollouts]), strict=True
-    ):
-        r.values = v
+    return list(torch.cat(values).split([len(r.token_ids) for r in rollouts]))
 
 
 def sampled_metrics(rollouts: Sequence[Rollout]) -> dict[str, float]:

@@ -247,7 +247,8 @@ def evaluate(
         for key, value in {"loss": loss, **metrics}.items():
             sums[key] += value.double().cpu()
     model.train(was_training)
-    keys = sorted(sums) or ["loss"]
+    # A process with no pairs (fewer pairs than processes) has no keys: sum over every key.
+    keys = sorted(set(dist.all_gather(sorted(sums)))) or ["loss"]
     totals = dist.all_reduce_sum(torch.stack([sums[k] for k in keys])).cpu().tolist()
     return finish_metrics({k: v / len(examples) for k, v in zip(keys, totals, strict=True)})
 

@@ -47,11 +47,21 @@ from posttrain.online import (
     forward_logprobs,
     micro_batches,
     reference_pass,
-    sample,
+    sample_step,
     sampled_metrics,
-    score,
+    sampler_gap,
+    shared_pass,
     step_rewards,
+    sync_weights,
     task_reward,
+    train_share,
+    zero_loss,
+)
+from posttrain.online.asynchronous import (
+    AsyncRollouts,
+    behaviour_copy,
+    behaviour_weights,
+    staleness_steps,
 )
 from posttrain.recipes.grpo_config import GRPOConfig, GRPOSection
 from posttrain.rewards import CompositeReward, build_composite
@@ -203,13 +213,36 @@ def fill_skipped(group: list[Rollout]) -> None:
             r.reward = sum(ok) / len(ok) if ok else 0.0
 
 
+def reweight_stale(rollouts: list[Rollout], trained: list[bool], lag: int, cap: float) -> dict:
+    """Decoupled PPO: scale each rollout's advantages by its tokens' behaviour weights
+    pi_prox / pi_behaviour, truncated at `cap` (`old_logprobs` holds pi_prox, recomputed;
+    `sampler_logprobs` pi_behaviour). Returns the step's staleness metrics over the trained
+    policy tokens; `lag`: optimizer steps between the weights that sampled the rollouts and the
+    policy about to train on them, the same for every token of the step."""
+    weights, gaps = [], []
+    for r, t in zip(rollouts, trained, strict=True):
+        w = behaviour_weights(r.old_logprobs, r.sampler_logprobs, cap)
+        r.advantages = r.advantages * w
+        if t:
+            weights.append(w[r.completion_mask])
+            gaps.append((r.old_logprobs - r.sampler_logprobs).abs()[r.completion_mask])
+    if not weights:
+        return {"staleness": float(lag)}
+    w, gap = torch.cat(weights), torch.cat(gaps)
+    return {
+        "staleness": float(lag),
+        "staleness/behaviour_weight": float(w.mean()),
+        "staleness/truncated_fraction": float((w >= cap).float().mean()),
+        "staleness/logprob_gap": float(gap.mean()),
+    }
+
+
 def run(cfg: GRPOConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to `summary.json`."""
     g, s = cfg.grpo, cfg.sampling
     G, P, seed = g.group_size, g.prompts_per_step, cfg.run.seed
     run = Run(cfg.run, cfg, curves=CURVES)
-    if run.dist.world_size > 1:
-        raise NotImplementedError("posttrain grpo runs in one process; start it without torchrun")
+    dist = run.dist
 
     tokenizer = load_tokenizer(cfg.model.path)
     chat = uses_chat_template(tokenizer, cfg.data.chat_template)
@@ -223,7 +256,15 @@ def run(cfg: GRPOConfig) -> dict:
     reward = grpo_reward(cfg)
     model = load_model(cfg.model, run.device)
     minibatch = g.minibatch_size or P * G
-    optimizer_steps = cfg.run.max_steps * g.epochs * -(-P * G // minibatch)
+    updates_per_step = g.epochs * -(-P * G // minibatch)  # at most (dynamic sampling: fewer)
+    optimizer_steps = cfg.run.max_steps * updates_per_step
+    lag = staleness_steps(g.max_staleness, updates_per_step)
+    if lag and (dist.world_size > 1 or s.engine != "builtin"):
+        raise ConfigError(
+            "grpo.max_staleness > 0 (asynchronous rollouts) runs in one process with the "
+            "built-in sampler for now; start it without torchrun and with sampling.engine="
+            "builtin, or set grpo.max_staleness=0"
+        )
     learner = Learner(model, run.dist, total_steps=optimizer_steps, **cfg.optim.model_dump())
     reference = frozen = None  # beta = 0 loads none; LoRA: the policy with adapters disabled
     if g.beta > 0:
@@ -238,12 +279,12 @@ def run(cfg: GRPOConfig) -> dict:
     def evaluate() -> dict:
         if not held_out:
             return {}
-        result = evaluate_prompts(sampler, held_out, reward, eval_params)
+        result = evaluate_prompts(sampler, held_out, reward, eval_params, dist=dist)
         rows = [r.as_row() for r in result.rollouts[: cfg.evaluation.log_samples]]
         run.samples(run.step, rows, name="eval_samples")
         return result.metrics
 
-    def collect(step: int) -> tuple[list[list[Rollout]], list[Rollout], dict]:
+    def collect(step: int, sampler=sampler) -> tuple[list[list[Rollout]], list[Rollout], dict]:
         """This step's groups (P of them, or under dynamic sampling those whose rewards vary,
         refilled for at most max_sampling_rounds rounds), every rollout sampled, and stats."""
         kept: list[list[Rollout]] = []
@@ -256,8 +297,8 @@ def run(cfg: GRPOConfig) -> dict:
             at = step if rounds == 1 else step * g.max_sampling_rounds + rounds
             prompts = draw(train, at, P, seed + (7919 if rounds > 1 else 0))
             params = sampling_params(s, n=G, seed=(seed * 1_000_003 + step) * 64 + rounds)
-            rollouts = sample(sampler, prompts, params, first_group=seen)
-            metrics.update(score(rollouts, reward))
+            rollouts, reward_metrics = sample_step(sampler, prompts, params, reward, dist, seen)
+            metrics.update(reward_metrics)
             groups = [rollouts[k * G : (k + 1) * G] for k in range(len(prompts))]
             every += rollouts
             for group in groups:
@@ -285,26 +326,35 @@ def run(cfg: GRPOConfig) -> dict:
         train_prompts=len(train), eval_prompts=len(held_out),
         reference="none" if reference is None else "adapters disabled" if frozen is None else "frozen copy",
     )  # fmt: skip
-    run.begin(evaluate)
-    for step in run.steps():
+
+    def train_step(step: int, pipeline: AsyncRollouts | None, done_updates: dict) -> None:
         began = time.perf_counter()
-        groups, sampled_all, metrics = collect(step)
+        if pipeline is None:
+            (groups, sampled_all, metrics), version = collect(step), step
+        else:
+            (groups, sampled_all, metrics), version = pipeline.get(step)
         rollouts = [r for group in groups for r in group]
         sampled = time.perf_counter()
         if reference is not None:
-            reference_pass(reference, rollouts, g.micro_batch_size, s.temperature)
-        if g.old_logprobs == "recompute" and rollouts:
-            old = forward_logprobs(
-                model, rollouts, g.micro_batch_size, s.temperature, autocast=learner.autocast
-            )
+            reference_pass(reference, rollouts, g.micro_batch_size, s.temperature, dist)
+        if (g.old_logprobs == "recompute" or pipeline is not None) and rollouts:
+            old = shared_pass(rollouts, dist, lambda part: forward_logprobs(
+                model, part, g.micro_batch_size, s.temperature, autocast=learner.autocast
+            ))  # fmt: skip
             for r, logprobs in zip(rollouts, old, strict=True):
                 r.old_logprobs = logprobs
+            metrics.update(sampler_gap(rollouts))
         # Failed rewards, and truncated completions under overlong filtering, leave the loss.
         trained = [not (r.skipped or (g.overlong_filter and r.truncated)) for r in rollouts]
         if rollouts:
             advantages = advantages_of(rollouts, trained, g, tokenizer)
             for r, a in zip(rollouts, advantages, strict=True):
                 r.advantages = a
+        if pipeline is not None:  # decoupled PPO: stale tokens weighted by pi_prox / pi_behaviour
+            lag_now = done_updates[step] - done_updates[version]
+            if lag_now > g.max_staleness:  # never: the thread samples no further ahead
+                raise RuntimeError(f"step {step}: rollouts {lag_now} optimizer steps stale")
+            metrics.update(reweight_stale(rollouts, trained, lag_now, g.max_behaviour_weight))
         updated = time.perf_counter()
         updates: list[dict] = []
         diff: list[float] = []
@@ -316,16 +366,19 @@ def run(cfg: GRPOConfig) -> dict:
             keep = {id(r) for r, t in zip(rollouts, trained, strict=True) if t}
             batch = [r for k in order for r in groups[k] if id(r) in keep]
             for i in range(0, len(batch), minibatch):
-                mbs = micro_batches(batch[i : i + minibatch], g.micro_batch_size, run.device)
-                weights = [loss_weight(mb, g.aggregation) for mb in mbs]
-                scale = sum(weights) / sum(mb.num_tokens for mb in mbs)
-                check = diff if epoch == 0 and i == 0 else None
+                # Each process trains on its share; the learner averages over all of them.
+                part, real = train_share(batch[i : i + minibatch], dist)
+                mbs = micro_batches(part, g.micro_batch_size, run.device)
+                weights = [loss_weight(mb, g.aggregation) * real for mb in mbs]
+                scale = sum(weights) / max(sum(mb.num_tokens for mb in mbs), 1)
+                check = diff if epoch == 0 and i == 0 and real else None
                 fn = functools.partial(loss_fn, scale=scale, diff=check)
-                updates.append(learner.step(mbs, weights, fn))
+                updates.append(learner.step(mbs, weights, fn if real else zero_loss(fn)))
         metrics.update(sampled_metrics(sampled_all))
         metrics["optimizer_steps"] = len(updates)
         for key in updates[0] if updates else []:
             metrics[key] = sum(u[key] for u in updates) / len(updates)
+        diff = dist.all_gather(diff)
         if diff:
             metrics["old_logprob_max_abs_diff"] = max(diff)
         metrics["time/sample_s"] = sampled - began
@@ -333,6 +386,25 @@ def run(cfg: GRPOConfig) -> dict:
         metrics["time/train_s"] = time.perf_counter() - updated
         tokens = sum(len(r.token_ids) for r in sampled_all)
         metrics["completion_tokens_per_s"] = tokens / (time.perf_counter() - began)
+        done_updates[step + 1] = done_updates[step] + len(updates)
+        metrics["time/weight_sync_s"] = sync_weights(sampler, model)
+        if pipeline is not None:  # the weights after this step, for the thread to sample with
+            pipeline.publish(step + 1)
         rows = [r.as_row() for r in sampled_all[: s.log_samples]]
         run.end_step(step + 1, metrics, evaluate, samples=rows)
+
+    run.begin(evaluate)
+    pipeline = None  # asynchronous rollouts: a thread samples ahead with a behaviour copy
+    if lag:
+        behaviour = behaviour_copy(model)
+        ahead = build_sampler(s, behaviour, tokenizer, seed, cfg.environment, chat=chat)
+        produce = functools.partial(collect, sampler=ahead)
+        pipeline = AsyncRollouts(produce, model, behaviour, lag, run.steps())
+    done_updates = {run.start: 0}  # optimizer steps taken before each step (since the start)
+    try:
+        for step in run.steps():
+            train_step(step, pipeline, done_updates)
+    finally:
+        if pipeline is not None:
+            pipeline.close()
     return run.finish(lambda out: save_pretrained(model, tokenizer, out))

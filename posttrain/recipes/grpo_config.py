@@ -67,6 +67,14 @@ class GRPOSection(Section):
     old_logprobs: Literal["sampler", "recompute"] = "sampler"
     """pi_old: the sampler's logprobs (free), or one no-grad training forward before the
     updates (for engines whose decode numerics differ, e.g. bf16 on GPU)."""
+    max_staleness: int = Field(0, ge=0)
+    """Asynchronous rollouts: sample the next steps while this one trains, with weights at
+    most this many optimizer steps older than the policy that trains on them (whole sampling
+    steps of them: with 2 optimizer steps a step, 3 means a lag of 1 step). 0: synchronous.
+    Stale rollouts train by decoupled PPO (pi_old recomputed as the proximal policy, each
+    token weighted by pi_prox / pi_behaviour); docs/scaling.md."""
+    max_behaviour_weight: float = Field(5.0, gt=0)
+    """Decoupled PPO: the per-token weights pi_prox / pi_behaviour are truncated here."""
     advantage: Literal["grpo", "rloo", "reinforce_pp"] | None = None
     """Advantage estimator (unset: the algo's)."""
     scale_by_std: bool | None = None

@@ -31,7 +31,7 @@ sampling (seeded by the round, so the same pairs) and resumes its DPO run from i
 
 from __future__ import annotations
 
-import json
+import math
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -47,12 +47,14 @@ from posttrain.config import (
 from posttrain.data.prompts import Prompt, load_prompts
 from posttrain.data.tokenize import uses_chat_template
 from posttrain.eval.heldout import evaluate_prompts, heldout_params
+from posttrain.files import write_jsonl_atomic
 from posttrain.models.loading import fit_to_context, load_model, load_tokenizer
 from posttrain.online import Rollout, draw, sample_scored, sampled_metrics, task_reward
 from posttrain.recipes.dpo import DPOConfig
 from posttrain.recipes.dpo import run as run_dpo
 from posttrain.rewards import CompositeReward
 from posttrain.rollout import SamplingParams, build_sampler, sampling_params
+from posttrain.train.distributed import Dist
 from posttrain.train.run import Run
 
 CURVES = ("eval/accuracy", "sample/accuracy", "sample/reward", "dpo/eval/rewards/accuracy/after")
@@ -72,6 +74,11 @@ class RoundsSection(Section):
     """Share of each round's pairs held out of its DPO run, to track implicit-reward accuracy."""
     reference: Literal["previous", "initial"] = "previous"
     """DPO's reference in round K: the round's starting policy, or the first round's."""
+    dpo_epochs: float | None = Field(None, gt=0)
+    """Passes each round's DPO run makes over the round's training pairs (its
+    dpo.run.max_steps becomes ceil(dpo_epochs x pairs / dpo.train.batch_size)); unset:
+    dpo.run.max_steps as given. Rounds that find few pairs then train less, not for more
+    epochs: a fixed step count over a few dozen pairs overfits them (docs/learning.md)."""
 
 
 class IterativeDPOConfig(Section):
@@ -127,23 +134,20 @@ def best_worst_pair(group: list[Rollout], chosen_truncated: bool = False) -> tup
 @torch.no_grad()
 def sample_and_score(
     cfg: IterativeDPOConfig, model_dir: str, prompts: list[Prompt], reward: CompositeReward,
-    params: SamplingParams, *, seed: int, device: torch.device,
+    params: SamplingParams, *, seed: int, dist: Dist,
 ) -> list[list[Rollout]]:  # fmt: skip
-    """`params.n` scored rollouts of each prompt from the policy saved at `model_dir`."""
-    model = load_model(cfg.dpo.model, device, trainable=False, path=model_dir)
+    """`params.n` scored rollouts of each prompt from the policy saved at `model_dir`; each
+    process samples its share and all of them get every group."""
+    model = load_model(cfg.dpo.model, dist.device, trainable=False, path=model_dir)
     sampler = build_sampler(cfg.sampling, model, load_tokenizer(model_dir), seed)
-    return sample_scored(sampler, prompts, reward, params)
+    return sample_scored(sampler, prompts, reward, params, dist=dist)
 
 
 def run(cfg: IterativeDPOConfig) -> dict:
     """All rounds; returns the summary also written to `summary.json`."""
     r, initial = cfg.iterate, cfg.dpo.model.path
     run = Run(cfg.run, cfg, curves=CURVES, x_label="round")
-    if run.dist.world_size > 1:
-        raise NotImplementedError(
-            "posttrain iterative-dpo runs in one process; start it without torchrun"
-        )
-    out, seed = run.out, cfg.run.seed
+    out, seed, dist = run.out, cfg.run.seed, run.dist
     tokenizer = load_tokenizer(initial, "dpo.model.path")
     chat = uses_chat_template(tokenizer, cfg.data.chat_template)
     max_prompt = fit_to_context(
@@ -163,7 +167,7 @@ def run(cfg: IterativeDPOConfig) -> dict:
             return {}
         model = load_model(cfg.dpo.model, run.device, trainable=False, path=policy)
         sampler = build_sampler(cfg.sampling, model, load_tokenizer(policy), seed)
-        result = evaluate_prompts(sampler, held_out, reward, eval_params)
+        result = evaluate_prompts(sampler, held_out, reward, eval_params, dist=dist)
         rows = [x.as_row() for x in result.rollouts[: cfg.evaluation.log_samples]]
         run.samples(run.step, rows, name="eval_samples")
         return result.metrics
@@ -175,9 +179,7 @@ def run(cfg: IterativeDPOConfig) -> dict:
         folder.mkdir(exist_ok=True)
         prompts = draw(train, step, r.prompts_per_round, seed)
         params = sampling_params(cfg.sampling, n=r.samples_per_prompt, seed=seed * 1_000_003 + k)
-        groups = sample_and_score(
-            cfg, policy, prompts, reward, params, seed=seed + k, device=run.device
-        )
+        groups = sample_and_score(cfg, policy, prompts, reward, params, seed=seed + k, dist=dist)
         pairs = []
         for prompt, group in zip(prompts, groups, strict=True):
             picked = best_worst_pair(group, r.chosen_truncated)
@@ -191,8 +193,10 @@ def run(cfg: IterativeDPOConfig) -> dict:
                 "the temperature, use a denser reward, or set iterate.chosen_truncated"
             )
         n_eval = max(int(len(pairs) * r.eval_pairs_fraction), 1) if r.eval_pairs_fraction else 0
-        for name, part in (("train", pairs[n_eval:]), ("eval", pairs[:n_eval])):
-            (folder / f"pairs-{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in part))
+        if dist.is_main:
+            for name, part in (("train", pairs[n_eval:]), ("eval", pairs[:n_eval])):
+                write_jsonl_atomic(folder / f"pairs-{name}.jsonl", part)
+        dist.barrier()
 
         d = cfg.dpo.model_copy(deep=True)
         d.model.path = policy
@@ -202,6 +206,9 @@ def run(cfg: IterativeDPOConfig) -> dict:
         d.data.eval_fraction = 0.0
         d.data.chat_template = cfg.data.chat_template
         d.run.out_dir = str(folder / "dpo")
+        if r.dpo_epochs:
+            train_pairs = len(pairs) - n_eval
+            d.run.max_steps = max(1, math.ceil(r.dpo_epochs * train_pairs / d.train.batch_size))
         d.run.device, d.run.progress = cfg.run.device, cfg.run.progress
         trained = run_dpo(d)
         policy = str(folder / "dpo" / "final")

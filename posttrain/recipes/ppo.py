@@ -64,12 +64,16 @@ from posttrain.online import (
     forward_logprobs,
     micro_batches,
     reference_pass,
-    sample,
+    sample_step,
     sampled_metrics,
-    score,
+    sampler_gap,
+    shared_pass,
     step_rewards,
+    sync_weights,
     task_reward,
+    train_share,
     value_pass,
+    zero_loss,
 )
 from posttrain.recipes.ppo_config import PPOConfig, PPOSection
 from posttrain.rewards import CompositeReward, build_composite
@@ -198,7 +202,7 @@ def policy_loss(
 
 def critic_loss(critic: RewardModel, mb: MicroBatch, *, p: PPOSection):
     """The clipped value loss of a micro-batch as a token sum."""
-    values = critic.token_scores(mb.batch)[:, 0][None].float()
+    values = critic(mb.batch, per_token=True)[:, 0][None].float()  # forward: DDP syncs
     loss, m = value_loss(
         values, mb.values, mb.returns, mb.mask, clip_eps=p.value_clip_eps, agg="token_mean",
         denominator=1.0,
@@ -243,9 +247,7 @@ def run(cfg: PPOConfig) -> dict:
     """Train, evaluate and save; returns the summary also written to `summary.json`."""
     p, s, seed = cfg.ppo, cfg.sampling, cfg.run.seed
     run = Run(cfg.run, cfg, curves=CURVES)
-    if run.dist.world_size > 1:
-        raise NotImplementedError("posttrain ppo runs in one process; start it without torchrun")
-    device = run.device
+    device, dist = run.device, run.dist
 
     tokenizer = load_tokenizer(cfg.model.path)
     chat = uses_chat_template(tokenizer, cfg.data.chat_template)
@@ -295,7 +297,7 @@ def run(cfg: PPOConfig) -> dict:
     def evaluate() -> dict:
         metrics = {}
         if held_out:
-            result = evaluate_prompts(sampler, held_out, reward, eval_params, gold)
+            result = evaluate_prompts(sampler, held_out, reward, eval_params, gold, dist)
             rows = [r.as_row() for r in result.rollouts[: cfg.evaluation.log_samples]]
             run.samples(run.step, rows, name="eval_samples")
             metrics.update(result.metrics)
@@ -323,20 +325,22 @@ def run(cfg: PPOConfig) -> dict:
         began = time.perf_counter()
         prompts = draw(train, step, p.prompts_per_step, seed)
         params = sampling_params(s, n=p.samples_per_prompt, seed=seed * 1_000_003 + step)
-        sampled = sample(sampler, prompts, params)
+        # Each process samples and scores its share; all of them get every rollout.
+        sampled, metrics = sample_step(sampler, prompts, params, reward, dist, gold=gold)
         times = {"time/sample_s": time.perf_counter() - began}
-        metrics = score(sampled, reward, gold)
         rollouts = [r for r in sampled if not r.skipped]  # a failed reward leaves the update
-        times["time/score_s"] = time.perf_counter() - began - sum(times.values())
-        reference_pass(reference, rollouts, p.micro_batch_size, s.temperature)
+        reference_pass(reference, rollouts, p.micro_batch_size, s.temperature, dist)
         if p.old_logprobs == "recompute" and rollouts:
-            old = forward_logprobs(
-                policy, rollouts, p.micro_batch_size, s.temperature, autocast=learner.autocast
-            )
+            old = shared_pass(rollouts, dist, lambda part: forward_logprobs(
+                policy, part, p.micro_batch_size, s.temperature, autocast=learner.autocast
+            ))  # fmt: skip
             for r, logprobs in zip(rollouts, old, strict=True):
                 r.old_logprobs = logprobs
+            metrics.update(sampler_gap(rollouts))
         times["time/reference_s"] = time.perf_counter() - began - sum(times.values())
-        value_pass(critic, rollouts, p.micro_batch_size, autocast=critic_learner.autocast)
+        value_pass(
+            critic, rollouts, p.micro_batch_size, autocast=critic_learner.autocast, dist=dist
+        )
         times["time/values_s"] = time.perf_counter() - began - sum(times.values())
         scores = shaped_scores(rollouts, state, p)
         beta = state.kl.value
@@ -357,17 +361,23 @@ def run(cfg: PPOConfig) -> dict:
             rng = torch.Generator().manual_seed(seed + 1_000_003 * step + epoch)
             order = [rollouts[i] for i in torch.randperm(len(rollouts), generator=rng).tolist()]
             for i in range(0, len(order), minibatch):
-                mbs = micro_batches(order[i : i + minibatch], p.micro_batch_size, device)
-                weights = [mb.num_tokens for mb in mbs]
+                # Each process trains on its share; the learners average over all of them.
+                # Every process adds the same ptx batch, weighted by its share of the tokens.
+                part, real = train_share(order[i : i + minibatch], dist)
+                mbs = micro_batches(part, p.micro_batch_size, device)
+                weights = [mb.num_tokens * real for mb in mbs]
                 ptx, ptx_tokens = ptx_batches(step * updates_per_step + len(updates))
                 fn = functools.partial(
                     policy_loss, total=float(sum(weights)), p=p, ptx=(cfg.ptx.coef, ptx_tokens),
-                    temperature=s.temperature, diff=None if updates else diff,
+                    temperature=s.temperature, diff=None if updates or not real else diff,
                 )  # fmt: skip
+                fn = fn if real else zero_loss(fn)
                 updates.append(learner.step(mbs + ptx, weights + [0] * len(ptx), fn))
                 value_fn = functools.partial(critic_loss, p=p)
+                value_fn = value_fn if real else zero_loss(value_fn)
                 critic_updates.append(critic_learner.step(mbs, weights, value_fn))
         state.kl.update(metrics.get("kl", 0.0), len(rollouts))
+        times["time/weight_sync_s"] = sync_weights(sampler, policy)
 
         metrics.update(sampled_metrics(sampled))
         metrics["score"] = metrics.pop("reward", math.nan)
@@ -386,6 +396,7 @@ def run(cfg: PPOConfig) -> dict:
                 else key
             )
             metrics[name] = sum(u[key] for u in critic_updates) / len(critic_updates)
+        diff = dist.all_gather(diff)
         if diff:
             metrics["old_logprob_max_abs_diff"] = max(diff)
         metrics.update(times)

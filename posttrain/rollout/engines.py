@@ -14,11 +14,26 @@ from posttrain.rollout.hf_sampler import HFSampler
 from posttrain.rollout.interface import Sampler, SamplingParams
 from posttrain.rollout.multiturn import EnvironmentSampler
 
+
+def vllm_sampler(policy: torch.nn.Module, tokenizer: Any, seed: int) -> Sampler:
+    """vLLM's engine in this process, started from the policy's current weights; the recipe
+    must call its `update_weights(policy)` after every optimizer step (`vllm_engine.py`)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise ValueError(
+            "sampling.engine=vllm runs in one process for now (docs/scaling.md); start it "
+            "without torchrun, or use sampling.engine=builtin"
+        )
+    from posttrain.rollout.vllm_engine import VLLMSampler
+
+    return VLLMSampler(policy, tokenizer, seed=seed)
+
+
 # engine name -> (policy, tokenizer, seed) -> Sampler. The built-in engine samples with the
 # policy module itself, so every optimizer step is visible to the next sampling call; an engine
-# that holds its own copy of the weights must be handed them after each update.
+# that holds its own copy of the weights (vllm) must be handed them after each update.
 ENGINES: dict[str, Callable[[torch.nn.Module, Any, int], Sampler]] = {
     "builtin": lambda policy, tokenizer, seed: HFSampler(policy, tokenizer, seed=seed),
+    "vllm": vllm_sampler,
 }
 
 

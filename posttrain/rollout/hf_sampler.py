@@ -31,7 +31,7 @@ from posttrain.models.decode_attention import sampling_attention
 from posttrain.models.llama_forward import LlamaFamilyForward, unsupported_reason
 from posttrain.rollout.interface import Completion, FinishReason, RolloutBatch, SamplingParams
 from posttrain.rollout.kv_cache import RowCache
-from posttrain.rollout.sampling import choose_next_tokens
+from posttrain.rollout.sampling import Noise, PromptStreams, choose_next_tokens
 from posttrain.rollout.stop import StopStrings
 
 # Finish codes kept in a tensor while decoding; 0 means still running.
@@ -101,9 +101,11 @@ class HFSampler:
                 f"the model uses {implementation!r}: load it with attn_implementation='sdpa'"
             )
         stop_strings = StopStrings(self.tokenizer, params.stop) if params.stop else None
-        generator = self.generator
+        generator: Noise = self.generator
         if params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+            generator = PromptStreams(
+                params.seed, params.first_prompt, len(prompts), params.n, self.device
+            )
         was_training = self.model.training
         self.model.eval()
         # Llama-family models run a lean forward (models/llama_forward.py); other models, and those it
@@ -129,7 +131,7 @@ class HFSampler:
         self,
         prompts: list[list[int]],
         params: SamplingParams,
-        generator: torch.Generator,
+        generator: Noise,
         stop_strings: StopStrings | None,
         lean: LlamaFamilyForward | None,
         on_tokens: Callable[[list[int], list[int]], None] | None = None,
@@ -211,6 +213,8 @@ class HFSampler:
                 if keep_B.numel() == 0:
                     break
                 active = active.index_select(0, keep_B)
+                if isinstance(generator, PromptStreams):
+                    generator.keep(active.tolist())
                 tokens_B = tokens_B.index_select(0, keep_B)
                 positions_B1 = positions_B1.index_select(0, keep_B)
                 cache.batch_select_indices(keep_B)

@@ -40,8 +40,12 @@ class SamplingParams:
     ignore_eos: bool = False
     """Keep generating past the model's eos token(s) (benchmarks use it to force a length)."""
     seed: int | None = None
-    """Seed a fresh generator for this call (reproducible); None uses the sampler's own
-    generator, which advances from call to call."""
+    """Seed this call (reproducible): prompt i's completions are drawn from a random stream of
+    its own, keyed by `(seed, first_prompt + i)`, so they do not depend on the other prompts of
+    the call. None uses the sampler's own generator, which advances from call to call."""
+    first_prompt: int = 0
+    """With a seed: the index of this call's first prompt in the seeded streams. Splitting
+    prompts over calls or processes, each part passing its offset, samples what one call would."""
 
     def __post_init__(self) -> None:
         # Lists from YAML or callers become tuples so the params stay hashable and immutable.

@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -201,7 +202,11 @@ def create_app(
         if not texts:
             raise APIError(400, "prompt is an empty list: expected at least one prompt", "prompt")
         prompts = [prompt_ids(tokenizer, text, chat=False) for text in texts]
-        params = [sampling(request, len(ids), request.max_tokens, "prompt") for ids in prompts]
+        # Prompt i samples seeded stream i, as it would in one sampler call with the others.
+        params = [
+            replace(sampling(request, len(ids), request.max_tokens, "prompt"), first_prompt=i)
+            for i, ids in enumerate(prompts)
+        ]
         prompt_tokens = sum(len(ids) for ids in prompts)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion"}
         head |= {"created": int(time.time()), "model": model_name}

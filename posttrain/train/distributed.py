@@ -26,6 +26,21 @@ class Dist:
             dist.all_reduce(values)
         return values
 
+    def all_gather(self, items: list) -> list:
+        """Every process's `items`, concatenated in rank order (picklable objects; `items`
+        itself for one process)."""
+        if self.world_size == 1:
+            return items
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+
+    def share(self, count: int) -> range:
+        """This process's contiguous block of `range(count)`; blocks differ by at most one."""
+        return range(
+            count * self.rank // self.world_size, count * (self.rank + 1) // self.world_size
+        )
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def weights(directory: Path) -> dict:
 
 def test_rounds_chain_and_learn(tiny_qwen2, prompts, tmp_path):
     out = tmp_path / "run"
-    summary = run(config(tiny_qwen2, prompts, out))
+    summary = run(config(tiny_qwen2, prompts, out, eval_pairs_fraction=0.25))
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]
     assert summary["final_model"] == str(out / "round-2" / "dpo" / "final")
@@ -60,16 +61,17 @@ def test_rounds_chain_and_learn(tiny_qwen2, prompts, tmp_path):
     # Every pair's chosen answer scored higher than its rejected one under the reward.
     for k in (1, 2):
         pairs = [json.loads(x) for x in (out / f"round-{k}" / "pairs-train.jsonl").read_text().splitlines()]  # fmt: skip
-        assert len(pairs) + 1 == rounds[k - 1]["pairs"]  # 5% of pairs (at least one) held out
+        held_out = int(rounds[k - 1]["pairs"] * 0.25)  # a quarter of the pairs held out
+        assert held_out >= 4 and len(pairs) + held_out == rounds[k - 1]["pairs"]
         share = lambda s: sum(c.isdigit() for c in s) / max(len(s), 1)  # noqa: E731
         assert all(share(p["chosen"]) > share(p["rejected"]) for p in pairs)
     # The policy learns what the verifier rewards: held-out greedy answers become all digits.
     assert summary["eval_before"]["eval/accuracy"] == 0.0
     assert rounds[-1]["eval/accuracy"] >= 0.5, rounds
     assert rounds[1]["sample/reward"] > rounds[0]["sample/reward"]
-    # DPO's held-out implicit-reward accuracy rose in each round.
+    # DPO's implicit-reward accuracy on each round's held-out pairs rose.
     for r in rounds:
-        assert r["dpo/eval/rewards/accuracy/after"] > r["dpo/eval/rewards/accuracy/before"]
+        assert r["dpo/eval/rewards/accuracy/after"] > r["dpo/eval/rewards/accuracy/before"], r
     assert [m["step"] for m in read_metrics(out)] == [0, 1, 2]
     assert (out / "curves.png").stat().st_size > 1000
 
@@ -112,3 +114,12 @@ def test_no_pairs_is_a_clear_error(tiny_qwen2, prompts, tmp_path):
 def test_keys_each_round_sets_are_refused(tiny_qwen2, prompts, tmp_path, capsys):
     assert main(["iterative-dpo", "--dry-run", "dpo.data.train=pairs.jsonl"]) == 2
     assert "dpo.data.train: set by each round" in capsys.readouterr().err
+
+
+def test_dpo_epochs_sizes_each_rounds_dpo_run_to_its_pairs(tiny_qwen2, prompts, tmp_path):
+    out = tmp_path / "epochs"
+    summary = run(config(tiny_qwen2, prompts, out, rounds=1, dpo_epochs=2))
+    train_pairs = len((out / "round-1" / "pairs-train.jsonl").read_text().splitlines())
+    dpo = yaml.safe_load((out / "round-1" / "dpo" / "config.yaml").read_text())
+    assert dpo["run"]["max_steps"] == math.ceil(2 * train_pairs / 8)  # batch_size 8
+    assert summary["rounds"][0]["pairs"] > train_pairs > 0

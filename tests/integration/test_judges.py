@@ -186,10 +186,11 @@ def test_label_writes_pairs_and_rankings_that_rm_and_dpo_train_on(tiny_qwen2, pr
                 "run": {"out_dir": str(tmp_path / kind)},
             }))  # fmt: skip
     pairs = made["pairwise"]
-    assert pairs["comparisons"] == 48 * 3 and pairs["pairs"] > 30
+    # 3 responses a prompt, 3 comparisons each (fewer where two samples came out alike)
+    assert 0.9 * 48 * 3 <= pairs["comparisons"] <= 48 * 3 and pairs["pairs"] > 30
     assert 0.5 < pairs["order_agreement"] < 1.0  # the bias shows as disagreement across orders
     verdicts = [json.loads(x) for x in (tmp_path / "pairwise" / "verdicts.jsonl").read_text().splitlines()]  # fmt: skip
-    assert len(verdicts) == 144 and all(len(v["verdicts"]) == 2 for v in verdicts)
+    assert len(verdicts) == pairs["comparisons"] and all(len(v["verdicts"]) == 2 for v in verdicts)
     rows = [json.loads(x) for x in Path(pairs["file"]).read_text().splitlines()]
     gold = [(judge.gold("", r["chosen"]), judge.gold("", r["rejected"])) for r in rows]
     right = [c > r for c, r in gold if c != r]  # (a bias on a gold tie leaks into a pair)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -277,6 +278,25 @@ def test_same_seed_same_output_different_seed_different_output_global_rng_untouc
     as_ids = [[c.token_ids for c in b.completions] for b in calls]
     assert as_ids[0] != as_ids[1]
     assert as_ids == [[c.token_ids for c in b.completions] for b in replays]
+
+
+def test_seeded_prompts_sample_the_same_however_the_call_is_split() -> None:
+    # A seeded prompt's completions depend on (seed, its index) only: split over calls (or
+    # processes) with `first_prompt` offsets, the prompts sample what one call samples.
+    model, prompts = tiny(), ragged_prompts()
+    params = SamplingParams(n=3, max_new_tokens=12, seed=4, stop_token_ids=(7, 9))
+    whole = HFSampler(model).generate(prompts, params).completions
+    parts = []
+    for lo, hi in [(0, 1), (1, 4), (4, 6)]:
+        part = HFSampler(model).generate(prompts[lo:hi], replace(params, first_prompt=lo))
+        parts += part.completions
+    assert [c.token_ids for c in parts] == [c.token_ids for c in whole]
+    assert len({c.finish_reason for c in whole}) > 1  # rows finished at different steps
+    for a, b in zip(parts, whole, strict=True):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs))
+    # Without the offset the second part would replay the first prompts' streams.
+    shifted = HFSampler(model).generate(prompts[1:4], params).completions
+    assert [c.token_ids for c in shifted] != [c.token_ids for c in whole[3:12]]
 
 
 def expected_distribution(
