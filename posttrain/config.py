@@ -238,6 +238,17 @@ class EnvironmentConfig(Section):
         return bool(self.tools or self.factory)
 
 
+class RayConfig(Section):
+    """Ray workers for an online recipe (an optional extra: `pip install 'posttrain[ray]'`)."""
+
+    address: str = ""
+    """An existing Ray cluster (`ray://host:10001`, or `auto` on one of its nodes); empty: the
+    recipe starts a local Ray on this machine when it needs one."""
+    reward_workers: int = Field(0, ge=0)
+    """Ray actors each reward function is scored in (the batch split between them; an actor
+    that dies is replaced and its completions scored again); 0: rewards run in this process."""
+
+
 class EvaluationConfig(Section):
     """The held-out evaluation of the online recipes (`posttrain.eval.heldout`)."""
 

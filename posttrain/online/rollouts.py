@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from posttrain.config import PromptDataConfig
+from posttrain.config import PromptDataConfig, RayConfig
 from posttrain.data.packing import Batch, pack_shared
 from posttrain.data.prompts import Prompt
 from posttrain.data.tokenize import TokenizedExample
@@ -282,9 +282,12 @@ def zero_loss(loss_fn):
     return zeroed
 
 
-def task_reward(specs: Sequence[dict] | None, data: PromptDataConfig) -> CompositeReward:
+def task_reward(
+    specs: Sequence[dict] | None, data: PromptDataConfig, ray: RayConfig | None = None
+) -> CompositeReward:
     """The weighted reward of a config's `rewards` list; unset, the task's own verifiers for
-    the options it was made with (`data.task`), which a prompt file does not have."""
+    the options it was made with (`data.task`), which a prompt file does not have. With
+    `ray.reward_workers`, scored in Ray actors (on `ray.address`, or a local Ray)."""
     if specs is None:
         if not data.task:
             raise ValueError(
@@ -294,7 +297,12 @@ def task_reward(specs: Sequence[dict] | None, data: PromptDataConfig) -> Composi
         from posttrain.tasks import TASKS
 
         specs = TASKS[data.task].default_rewards(data.task_options)
-    return build_composite(specs)
+    workers = ray.reward_workers if ray is not None else 0
+    if workers:
+        from posttrain.rewards.ray_pool import connect
+
+        connect(ray.address)
+    return build_composite(specs, ray_workers=workers)
 
 
 def reward_inputs(rollouts: Sequence[Rollout]) -> tuple[list, list[str], dict[str, list]]:

@@ -77,7 +77,7 @@ def grpo_reward(cfg: GRPOConfig) -> CompositeReward:
     """The configured rewards (or the task's), plus DAPO's soft overlong penalty (Yu et al.
     2025, eq. 13) as the component 'overlong' when `overlong_buffer` is set."""
     g, max_len = cfg.grpo, cfg.sampling.max_new_tokens
-    reward = task_reward(cfg.rewards, cfg.data)
+    reward = task_reward(cfg.rewards, cfg.data, cfg.ray)
     buffer = int(g.overlong_buffer * max_len)
     if buffer <= 0:
         return reward

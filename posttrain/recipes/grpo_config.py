@@ -17,6 +17,7 @@ from posttrain.config import (
     ModelConfig,
     OptimConfig,
     PromptDataConfig,
+    RayConfig,
     RunConfig,
     SamplingConfig,
     Section,
@@ -132,6 +133,9 @@ class GRPOConfig(Section):
     environment: EnvironmentConfig = EnvironmentConfig()
     """Multi-turn rollouts with tools or an environment of your own (docs/tools.md); tokens
     the environment wrote leave every loss and KL."""
+    ray: RayConfig = RayConfig()
+    """Ray: reward functions scored in actors (`reward_workers`) on a local or existing
+    cluster (`address`); docs/scaling.md."""
     evaluation: EvaluationConfig = EvaluationConfig()
     """Held-out evaluation (greedy by default) every run.eval_every steps."""
     grpo: GRPOSection = GRPOSection()

@@ -110,7 +110,7 @@ def rewards_of(cfg: PPOConfig) -> tuple[CompositeReward, CompositeReward | None]
         # It reads prompts as the policy does (the chat template or not).
         options = {"path": path, "device": cfg.run.device, "chat_template": cfg.data.chat_template}
         specs = [{"name": "reward_model", "options": options}]
-    reward = task_reward(specs, cfg.data)
+    reward = task_reward(specs, cfg.data, cfg.ray)  # gold stays in this process
     if cfg.gold is not None:
         return reward, build_composite(cfg.gold)
     if cfg.data.task and specs is not None:

@@ -194,8 +194,11 @@ def _describe(error: Any) -> str:
     return f"{where}: {error['msg']}"
 
 
-def build_composite(specs: Sequence[RewardSpec | dict[str, Any]]) -> CompositeReward:
-    """A `CompositeReward` from specs `{name, weight, fallback, timeout_s, label, options}`."""
+def build_composite(
+    specs: Sequence[RewardSpec | dict[str, Any]], ray_workers: int = 0
+) -> CompositeReward:
+    """A `CompositeReward` from specs `{name, weight, fallback, timeout_s, label, options}`;
+    with `ray_workers`, each function scored in that many Ray actors (`ray_pool.py`)."""
     components = []
     for i, raw in enumerate(specs):
         try:
@@ -204,7 +207,12 @@ def build_composite(specs: Sequence[RewardSpec | dict[str, Any]]) -> CompositeRe
             problems = "; ".join(_describe(e) for e in error.errors())
             raise ValueError(f"rewards[{i}]: {problems}") from error
         label = spec.label or spec.name.rpartition(":")[2]  # an import path: its attribute
-        fn = build_reward(spec.name, **spec.options)
+        if ray_workers:
+            from posttrain.rewards.ray_pool import RayRewardFunction
+
+            fn = RayRewardFunction(spec.name, spec.options, ray_workers)
+        else:
+            fn = build_reward(spec.name, **spec.options)
         components.append(Component(label, fn, spec.weight, spec.fallback, spec.timeout_s))
     return CompositeReward(components)
 
