@@ -1,7 +1,13 @@
-"""Built-in sampler vs Hugging Face `generate`: tokens per second on the same work.
+"""Built-in sampler vs Hugging Face `generate` (and vLLM, where installed): tokens per second
+on the same work.
 
     python -m benchmarks.generate                 # the full table (a few minutes on 2 cores)
     python -m benchmarks.generate --sizes tiny --repeats 2
+    .venv-vllm/bin/python -m benchmarks.generate  # with vLLM's engine (`make test-vllm` builds it)
+
+vLLM runs in this process through posttrain's engine (`sampling.engine: vllm`), started from the
+same weights; its start-up (engine construction) is reported apart, and its first call, which
+compiles kernels, is the warm-up like every engine's.
 
 Both engines get the same random-weight model, the same ragged prompts (lengths drawn uniformly
 from 16..64 byte tokens) and must generate exactly the requested tokens: ours with
@@ -23,6 +29,7 @@ decode step (both engines keep only the last position's logits).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -94,33 +101,42 @@ def run_hf(model: torch.nn.Module, prompts: list[list[int]], n: int, new_tokens:
     return (out.shape[1] - width) * out.shape[0]
 
 
-def run_ours(sampler: HFSampler, prompts: list[list[int]], n: int, new_tokens: int) -> int:
+def run_ours(sampler, prompts: list[list[int]], n: int, new_tokens: int) -> int:
     params = SamplingParams(n=n, max_new_tokens=new_tokens, ignore_eos=True)
     return sampler.generate(prompts, params).generated_tokens
 
 
-def bench_cell(size: str, case: str, repeats: int) -> dict[str, float]:
+def bench_cell(size: str, case: str, repeats: int, vllm: bool) -> dict[str, float]:
     count, n, new_tokens = CASES[case]
     model = build_model("qwen2", size).eval()
     prompts = make_prompts(count)
-    sampler = HFSampler(model, seed=0)
+    samplers = {"ours": HFSampler(model, seed=0)}
+    startup = {}
+    if vllm:
+        from posttrain.rollout.vllm_engine import VLLMSampler
+
+        samplers["vllm"] = VLLMSampler(model, seed=0, max_model_len=256)
+        startup["vllm_start_s"] = samplers["vllm"].start_seconds
     torch.manual_seed(0)
     expected = count * n * new_tokens
-    best = {"hf": float("inf"), "ours": float("inf")}
+    best = {"hf": float("inf")} | {name: float("inf") for name in samplers}
     for rep in range(repeats + 1):
-        for engine in ("hf", "ours"):
+        for engine in best:
             start = time.perf_counter()
-            made = run_hf(model, prompts, n, new_tokens) if engine == "hf" else None
-            if engine == "ours":
-                made = run_ours(sampler, prompts, n, new_tokens)
+            if engine == "hf":
+                made = run_hf(model, prompts, n, new_tokens)
+            else:
+                made = run_ours(samplers[engine], prompts, n, new_tokens)
             seconds = time.perf_counter() - start
             assert made == expected, f"{engine} generated {made} tokens, expected {expected}"
             if rep > 0:  # rep 0 is the warm-up
                 best[engine] = min(best[engine], seconds)
+    if "vllm" in samplers:
+        samplers["vllm"].close()
     return {
         "tokens": expected,
-        "hf_s": best["hf"],
-        "ours_s": best["ours"],
+        **{f"{name}_s": seconds for name, seconds in best.items()},
+        **startup,
         "flops": useful_flops(model, prompts, n, new_tokens),
     }
 
@@ -131,6 +147,7 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES))
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per engine per cell")
     args = parser.parse_args()
+    vllm = importlib.util.find_spec("vllm") is not None
 
     peak = measure_matmul_gflops(2048)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
@@ -139,23 +156,25 @@ def main() -> None:
     header = (
         f"{'model':6} {'case':22} {'HF tok/s':>9} {'ours tok/s':>10} {'ratio':>6} "
         f"{'HF %roof':>8} {'ours %roof':>10}"
-    )
+    ) + (f" {'vLLM tok/s':>10} {'vLLM start':>10}" if vllm else "")
     print(header)
     print("-" * len(header))
     for size in args.sizes:
         for case in args.cases:
             count, n, new_tokens = CASES[case]
-            cell = bench_cell(size, case, args.repeats)
+            cell = bench_cell(size, case, args.repeats, vllm)
             hf_tps = cell["tokens"] / cell["hf_s"]
             ours_tps = cell["tokens"] / cell["ours_s"]
             hf_roof = cell["flops"] / cell["hf_s"] / 1e9 / peak
             ours_roof = cell["flops"] / cell["ours_s"] / 1e9 / peak
             label = f"({case}) {count}x n={n} x {new_tokens} tok"
-            print(
+            line = (
                 f"{size:6} {label:22} {hf_tps:9.0f} {ours_tps:10.0f} "
-                f"{ours_tps / hf_tps:5.2f}x {100 * hf_roof:7.1f}% {100 * ours_roof:9.1f}%",
-                flush=True,
+                f"{ours_tps / hf_tps:5.2f}x {100 * hf_roof:7.1f}% {100 * ours_roof:9.1f}%"
             )
+            if vllm:
+                line += f" {cell['tokens'] / cell['vllm_s']:10.0f} {cell['vllm_start_s']:9.1f}s"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,10 @@ Same work on both sides, per step:
 
 Variants, each its own process with OMP_NUM_THREADS set: `posttrain grpo` as a user runs it
 (sampler with shared-prompt KV cache, pi_old from the sampler, shared-prompt packed training
-forward, LM head on completion tokens only); TRL with its GRPOConfig defaults (gradient
-checkpointing on); TRL with gradient checkpointing off.
+forward, LM head on completion tokens only); the same under `torchrun` with 2 processes of
+half the threads each (`posttrain-2proc`: each samples, scores and trains on half of the step,
+gloo all-reduces the gradients; peak RSS is rank 0's); TRL with its GRPOConfig defaults
+(gradient checkpointing on); TRL with gradient checkpointing off.
 
 Measured: end-of-step timestamps (posttrain: a wrapper around `Learner.step`, one per RL step
 here; TRL: `on_step_end`). Completion tokens per step: posttrain's metrics.jsonl
@@ -60,7 +62,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRL_VENV = REPO / "benchmarks" / ".venv-trl"
-VARIANTS = ("posttrain", "trl-default", "trl-no-gc")
+VARIANTS = ("posttrain", "posttrain-2proc", "trl-default", "trl-no-gc")
 SHAPES = {"a": (16, 48), "b": (240, 272)}  # prompt length range in tokens
 PROMPTS, G, COMPLETION, MICRO = 8, 8, 32, 16
 BETA, LR = 0.04, 1e-6
@@ -164,7 +166,8 @@ def worker_main(name: str, spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     result = posttrain_worker(spec) if name == "posttrain" else trl_worker(spec)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(spec["result"]).write_text(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        Path(spec["result"]).write_text(json.dumps(result))
 
 
 # Orchestration ---------------------------------------------------------------------------
@@ -245,11 +248,21 @@ def run_variant(python: Path, variant: str, spec: dict, work: Path, threads: int
     shutil.rmtree(spec["out_dir"], ignore_errors=True)
     spec_path = work / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}  # fmt: skip
+    processes = 2 if variant == "posttrain-2proc" else 1
+    omp = str(max(1, threads // processes))
+    env = {**os.environ, "OMP_NUM_THREADS": omp, "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(REPO)}  # fmt: skip
     log_path = work / f"{name}.log"
-    worker = "posttrain" if variant == "posttrain" else "trl"
+    worker = "posttrain" if variant.startswith("posttrain") else "trl"
     with log_path.open("w") as log:
         command = [python, __file__, "--worker", worker, "--spec", spec_path]
+        if processes > 1:
+            launcher = [
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={processes}",
+            ]
+            command = [python, *launcher, *command[1:]]
         code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if code:
         tail = log_path.read_text().strip().splitlines()[-1:] or ["(no output)"]
@@ -278,7 +291,7 @@ def main() -> None:
     if args.quick:
         args.sizes, args.shapes, args.steps, args.warmup = ["tiny"], ["a"], 2, 1
     trl_python = TRL_VENV / "bin" / "python"
-    if not trl_python.exists():
+    if any(v.startswith("trl") for v in args.variants) and not trl_python.exists():
         raise SystemExit(f"{trl_python} missing: run benchmarks/sft.py once to create it")
 
     sys.path.insert(0, str(REPO))
@@ -300,7 +313,7 @@ def main() -> None:
             prompts = work / f"prompts-{shape}.jsonl"
             prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
             for variant in args.variants:
-                python = Path(sys.executable) if variant == "posttrain" else trl_python
+                python = Path(sys.executable) if variant.startswith("posttrain") else trl_python
                 spec = {"name": f"{size}-{shape}-{variant}", "model": str(model), "prompts": str(prompts), "steps": args.steps}  # fmt: skip
                 result = run_variant(python, variant, spec, work, args.threads)
                 result.update(size=size, shape=shape, variant=variant)
@@ -309,7 +322,7 @@ def main() -> None:
                     per_step = sum(t for _, t in result["marks"]) / len(result["marks"])
                     flops = useful_flops_per_step(size, rows, per_step)
                     result.update(tokens_per_s=tps, s_per_step=sps, roofline=flops / sps / (peak * 1e9))  # fmt: skip
-                    if variant == "posttrain":
+                    if variant.startswith("posttrain"):
                         bound = flops / bound_per_step(model, rows, per_step) / (peak * 1e9)
                         result["bound"] = bound
                         print(f"  {size} ({shape}): matmuls + packed attention alone would reach {100 * bound:.0f}% of the roofline")  # fmt: skip

@@ -3,6 +3,7 @@ better on tasks judged by verifiers nobody here wrote? One command runs every ce
 
     python benchmarks/learning.py                     # every tiny-model cell, 3 seeds (hours)
     python benchmarks/learning.py --quick             # smoke: 1 seed, 3 steps, 16 eval prompts
+    python benchmarks/learning.py --table-only        # rewrite table.md from the cells run so far
     python benchmarks/learning.py --tasks worked_sums --algos grpo trl_grpo --seeds 0 1 2
     python benchmarks/learning.py --tasks gsm_symbolic ifeval --model /path/to/hf-model  # a GPU
 
@@ -726,6 +727,17 @@ def prepare_start(name: str, start_name: str, settings: dict, args) -> dict:
     return start
 
 
+def saved_cells(out: Path) -> list[Cell]:
+    """Every cell whose JSON is under `out`, in task, start, algorithm, kind, seed order."""
+    cells = []
+    for path in sorted((out / "cells").glob("*/*/*/*-seed*.json")):
+        task, start, algo = path.parts[-4:-1]
+        kind, _, seed = path.stem.partition("-seed")
+        cells.append(Cell(task, start, algo, int(seed), kind, json.loads(path.read_text())))
+    order = {name: k for k, name in enumerate(ALGOS)}
+    return sorted(cells, key=lambda c: (c.task, c.start, order.get(c.algo, 99), c.kind, c.seed))
+
+
 def plan(args) -> list[tuple[int, str, str]]:
     """(seed, task, start) in the order they run: seed by seed, so that a partial run already
     has a row for every cell. Tasks run with --model have the one start "model"."""
@@ -763,6 +775,8 @@ def main() -> None:
     parser.add_argument("--out", help="default runs/learning (runs/learning-quick with --quick)")
     parser.add_argument("--starts-dir", default=str(REPO / "runs/learning/starts"))
     parser.add_argument("--keep-models", action="store_true", help="keep each run's weights")
+    parser.add_argument("--table-only", action="store_true",
+                        help="rewrite table.md from every cell under --out; run nothing")  # fmt: skip
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(Path(args.spec).read_text())
@@ -771,6 +785,9 @@ def main() -> None:
     if args.quick:
         args.seeds, args.steps, args.eval_size, args.sanity_pool = args.seeds[:1], 3, 16, 64
     out = Path(args.out or REPO / ("runs/learning-quick" if args.quick else "runs/learning"))
+    if args.table_only:
+        print(table(saved_cells(out), []))
+        return
     settings = Settings(args.steps, args.sanity_steps or args.steps, args.eval_size,
                         args.sanity_pool, args.model)  # fmt: skip
     sys.path.insert(0, str(REPO))

@@ -4,6 +4,7 @@ this process, and an actor that dies is replaced without losing or repeating any
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,17 @@ def always_dies(prompts, completions, **fields) -> RewardOutput:  # noqa: ARG001
     os._exit(1)
 
 
+def wait_until_dead(actor) -> None:
+    """`ray.kill` returns before the actor is gone: call it until a call fails."""
+    for _ in range(100):
+        try:
+            ray.get(actor.score.remote(["p"], ["1"], {}), timeout=30)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the killed actor still answers")
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     from posttrain.rewards.ray_pool import connect
@@ -58,7 +70,9 @@ def test_scores_match_in_process_and_a_killed_actor_is_replaced(local_ray):
     completions = ["12a", "b", "333", "x1", "", "99", "a", "7", "zz9"]
     expected = digit_fraction(prompts, completions).scores
     assert fn(prompts, completions).scores == expected
-    ray.kill(fn.actors[0])  # a lost node, an OOM kill
+    dead = fn.actors[0]
+    ray.kill(dead)  # a lost node, an OOM kill
+    wait_until_dead(dead)
     again = fn(prompts, completions)
     assert again.scores == expected and fn.restarts == 1
     assert again.metrics["ray/digit_fraction/restarts"] == 1.0
