@@ -217,23 +217,21 @@ def reweight_stale(rollouts: list[Rollout], trained: list[bool], lag: int, cap: 
     """Decoupled PPO: scale each rollout's advantages by its tokens' behaviour weights
     pi_prox / pi_behaviour, truncated at `cap` (`old_logprobs` holds pi_prox, recomputed;
     `sampler_logprobs` pi_behaviour). Returns the step's staleness metrics over the trained
-    policy tokens; `lag`: optimizer steps between the weights that sampled the rollouts and the
-    policy about to train on them, the same for every token of the step."""
-    weights, gaps = [], []
+    policy tokens (their log-prob gap is `sampler_gap`'s); `lag`: optimizer steps between the
+    weights that sampled the rollouts and the policy about to train on them."""
+    weights = []
     for r, t in zip(rollouts, trained, strict=True):
         w = behaviour_weights(r.old_logprobs, r.sampler_logprobs, cap)
         r.advantages = r.advantages * w
         if t:
             weights.append(w[r.completion_mask])
-            gaps.append((r.old_logprobs - r.sampler_logprobs).abs()[r.completion_mask])
     if not weights:
         return {"staleness": float(lag)}
-    w, gap = torch.cat(weights), torch.cat(gaps)
+    w = torch.cat(weights)
     return {
         "staleness": float(lag),
         "staleness/behaviour_weight": float(w.mean()),
         "staleness/truncated_fraction": float((w >= cap).float().mean()),
-        "staleness/logprob_gap": float(gap.mean()),
     }
 
 

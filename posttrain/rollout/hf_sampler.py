@@ -32,7 +32,7 @@ from posttrain.models.llama_forward import LlamaFamilyForward, unsupported_reaso
 from posttrain.rollout.interface import Completion, FinishReason, RolloutBatch, SamplingParams
 from posttrain.rollout.kv_cache import RowCache
 from posttrain.rollout.sampling import Noise, PromptStreams, choose_next_tokens
-from posttrain.rollout.stop import StopStrings
+from posttrain.rollout.stop import StopStrings, completion_text
 
 # Finish codes kept in a tensor while decoding; 0 means still running.
 _RUNNING, _EOS, _STOP, _LENGTH = 0, 1, 2, 3
@@ -343,14 +343,9 @@ class HFSampler:
             token_ids = tokens[row, :length].tolist()
             text = None
             if self.tokenizer is not None:
-                # The eos / stop token ends the text but is not part of it.
-                ends_on_token = reason == "eos" or (
-                    reason == "stop" and token_ids[-1] in params.stop_token_ids
+                text = completion_text(
+                    self.tokenizer, token_ids, reason, params.stop_token_ids, stop_strings
                 )
-                body = token_ids[:-1] if ends_on_token else token_ids
-                text = self.tokenizer.decode(body, skip_special_tokens=True)
-                if reason == "stop" and stop_strings is not None:
-                    text = stop_strings.cut(text)
             completions.append(
                 Completion(
                     prompt_index=row // n,

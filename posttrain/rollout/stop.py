@@ -34,3 +34,20 @@ class StopStrings:
         """The text up to (excluding) the earliest stop string in it."""
         starts = [i for i in (text.find(s) for s in self.stop) if i >= 0]
         return text[: min(starts)] if starts else text
+
+
+def completion_text(
+    tokenizer: Any,
+    token_ids: Sequence[int],
+    reason: str,
+    stop_token_ids: Sequence[int],
+    stop_strings: StopStrings | None,
+) -> str:
+    """A completion's text as every engine returns it: an eos or stop token ends the text but
+    is not part of it, special tokens are skipped, and the text stops before a stop string."""
+    ends_on_token = reason == "eos" or (reason == "stop" and token_ids[-1] in stop_token_ids)
+    body = token_ids[:-1] if ends_on_token else token_ids
+    text = tokenizer.decode(body, skip_special_tokens=True)
+    if reason == "stop" and stop_strings is not None:
+        text = stop_strings.cut(text)
+    return text

@@ -54,7 +54,7 @@ import torch
 from posttrain.rollout.hf_sampler import _check_prompts
 from posttrain.rollout.interface import Completion, FinishReason, RolloutBatch, SamplingParams
 from posttrain.rollout.sampling import stream_seed
-from posttrain.rollout.stop import StopStrings
+from posttrain.rollout.stop import StopStrings, completion_text
 
 INSTALL_HINT = (
     "sampling.engine=vllm needs vLLM, which is not installed. In a virtual environment of its "
@@ -214,14 +214,9 @@ class VLLMSampler:
                 token_ids, logprobs, reason = token_ids[:end], logprobs[:end], "stop"
         text = None
         if self.tokenizer is not None:
-            # The eos / stop token ends the text but is not part of it.
-            ends_on_token = reason == "eos" or (
-                reason == "stop" and token_ids[-1] in params.stop_token_ids
+            text = completion_text(
+                self.tokenizer, token_ids, reason, params.stop_token_ids, stop_strings
             )
-            body = token_ids[:-1] if ends_on_token else token_ids
-            text = self.tokenizer.decode(body, skip_special_tokens=True)
-            if reason == "stop" and stop_strings is not None:
-                text = stop_strings.cut(text)
         return Completion(
             prompt_index=prompt_index,
             token_ids=token_ids,

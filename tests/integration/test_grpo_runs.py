@@ -114,7 +114,7 @@ def test_async_rollouts_learn_with_rollouts_never_staler_than_the_cap(
     logged = [m for m in read_metrics(tmp_path / "run") if "reward" in m]
     lags = [m["staleness"] for m in logged]
     assert lags == [min(k, max_staleness) for k in range(30)]  # then exactly the cap
-    assert all(m["staleness/logprob_gap"] > 1e-4 for m in logged[1:])
+    assert all(m["sampler_logprob_gap/mean"] > 1e-4 for m in logged[1:])
     assert all(m["old_logprob_max_abs_diff"] < 1e-5 for m in logged)  # pi_prox recomputed
     rewards = [m["reward"] for m in logged]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
