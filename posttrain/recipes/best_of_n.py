@@ -194,6 +194,7 @@ def run(cfg: BestOfNConfig) -> dict:
             out = scorer(inputs[0], inputs[1], **inputs[2]).scores
             scores[name] += [out[k : k + cfg.n] for k in range(0, len(out), cfg.n)]
         groups += [rollouts[k : k + cfg.n] for k in range(0, len(rollouts), cfg.n)]
+    sampler.close()
     rows = table_rows(groups, scores, cfg)
     names = list(scorers)
     (run.out / "best_of_n.md").write_text(markdown(rows, names))

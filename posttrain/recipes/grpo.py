@@ -391,18 +391,19 @@ def run(cfg: GRPOConfig) -> dict:
         rows = [r.as_row() for r in sampled_all[: s.log_samples]]
         run.end_step(step + 1, metrics, evaluate, samples=rows)
 
-    run.begin(evaluate)
     pipeline = None  # asynchronous rollouts: a thread samples ahead with a behaviour copy
-    if lag:
-        behaviour = behaviour_copy(model)
-        ahead = build_sampler(s, behaviour, tokenizer, seed, cfg.environment, chat=chat)
-        produce = functools.partial(collect, sampler=ahead)
-        pipeline = AsyncRollouts(produce, model, behaviour, lag, run.steps())
     done_updates = {run.start: 0}  # optimizer steps taken before each step (since the start)
     try:
+        run.begin(evaluate)
+        if lag:
+            behaviour = behaviour_copy(model)
+            ahead = build_sampler(s, behaviour, tokenizer, seed, cfg.environment, chat=chat)
+            produce = functools.partial(collect, sampler=ahead)
+            pipeline = AsyncRollouts(produce, model, behaviour, lag, run.steps())
         for step in run.steps():
             train_step(step, pipeline, done_updates)
     finally:
         if pipeline is not None:
             pipeline.close()
+        sampler.close()
     return run.finish(lambda out: save_pretrained(model, tokenizer, out))

@@ -32,6 +32,7 @@ sampling (seeded by the round, so the same pairs) and resumes its DPO run from i
 from __future__ import annotations
 
 import math
+from contextlib import closing
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -139,8 +140,8 @@ def sample_and_score(
     """`params.n` scored rollouts of each prompt from the policy saved at `model_dir`; each
     process samples its share and all of them get every group."""
     model = load_model(cfg.dpo.model, dist.device, trainable=False, path=model_dir)
-    sampler = build_sampler(cfg.sampling, model, load_tokenizer(model_dir), seed)
-    return sample_scored(sampler, prompts, reward, params, dist=dist)
+    with closing(build_sampler(cfg.sampling, model, load_tokenizer(model_dir), seed)) as sampler:
+        return sample_scored(sampler, prompts, reward, params, dist=dist)
 
 
 def run(cfg: IterativeDPOConfig) -> dict:
@@ -166,8 +167,8 @@ def run(cfg: IterativeDPOConfig) -> dict:
         if not held_out:
             return {}
         model = load_model(cfg.dpo.model, run.device, trainable=False, path=policy)
-        sampler = build_sampler(cfg.sampling, model, load_tokenizer(policy), seed)
-        result = evaluate_prompts(sampler, held_out, reward, eval_params, dist=dist)
+        with closing(build_sampler(cfg.sampling, model, load_tokenizer(policy), seed)) as sampler:
+            result = evaluate_prompts(sampler, held_out, reward, eval_params, dist=dist)
         rows = [x.as_row() for x in result.rollouts[: cfg.evaluation.log_samples]]
         run.samples(run.step, rows, name="eval_samples")
         return result.metrics

@@ -320,89 +320,91 @@ def run(cfg: PPOConfig) -> dict:
         batch = collate([ptx_train[k] for k in index], True, tokenizer.pad_token_id).to(device)
         return [batch], batch.num_targets
 
-    run.begin(evaluate)
-    for step in run.steps():
-        began = time.perf_counter()
-        prompts = draw(train, step, p.prompts_per_step, seed)
-        params = sampling_params(s, n=p.samples_per_prompt, seed=seed * 1_000_003 + step)
-        # Each process samples and scores its share; all of them get every rollout.
-        sampled, metrics = sample_step(sampler, prompts, params, reward, dist, gold=gold)
-        times = {"time/sample_s": time.perf_counter() - began}
-        rollouts = [r for r in sampled if not r.skipped]  # a failed reward leaves the update
-        reference_pass(reference, rollouts, p.micro_batch_size, s.temperature, dist)
-        if p.old_logprobs == "recompute" and rollouts:
-            old = shared_pass(rollouts, dist, lambda part: forward_logprobs(
-                policy, part, p.micro_batch_size, s.temperature, autocast=learner.autocast
-            ))  # fmt: skip
-            for r, logprobs in zip(rollouts, old, strict=True):
-                r.old_logprobs = logprobs
-            metrics.update(sampler_gap(rollouts))
-        times["time/reference_s"] = time.perf_counter() - began - sum(times.values())
-        value_pass(
-            critic, rollouts, p.micro_batch_size, autocast=critic_learner.autocast, dist=dist
-        )
-        times["time/values_s"] = time.perf_counter() - began - sum(times.values())
-        scores = shaped_scores(rollouts, state, p)
-        beta = state.kl.value
-        steps = None
-        if p.process_weight > 0 and rollouts:
-            if not any(r.step_scores for r in rollouts):
-                raise ConfigError(
-                    "ppo.process_weight > 0 but no reward scored steps; add a process reward "
-                    "model, e.g. rewards: [..., {name: prm, options: {path: runs/prm/final}}]"
+    try:
+        run.begin(evaluate)
+        for step in run.steps():
+            began = time.perf_counter()
+            prompts = draw(train, step, p.prompts_per_step, seed)
+            params = sampling_params(s, n=p.samples_per_prompt, seed=seed * 1_000_003 + step)
+            # Each process samples and scores its share; all of them get every rollout.
+            sampled, metrics = sample_step(sampler, prompts, params, reward, dist, gold=gold)
+            times = {"time/sample_s": time.perf_counter() - began}
+            rollouts = [r for r in sampled if not r.skipped]  # a failed reward leaves the update
+            reference_pass(reference, rollouts, p.micro_batch_size, s.temperature, dist)
+            if p.old_logprobs == "recompute" and rollouts:
+                old = shared_pass(rollouts, dist, lambda part: forward_logprobs(
+                    policy, part, p.micro_batch_size, s.temperature, autocast=learner.autocast
+                ))  # fmt: skip
+                for r, logprobs in zip(rollouts, old, strict=True):
+                    r.old_logprobs = logprobs
+                metrics.update(sampler_gap(rollouts))
+            times["time/reference_s"] = time.perf_counter() - began - sum(times.values())
+            value_pass(
+                critic, rollouts, p.micro_batch_size, autocast=critic_learner.autocast, dist=dist
+            )
+            times["time/values_s"] = time.perf_counter() - began - sum(times.values())
+            scores = shaped_scores(rollouts, state, p)
+            beta = state.kl.value
+            steps = None
+            if p.process_weight > 0 and rollouts:
+                if not any(r.step_scores for r in rollouts):
+                    raise ConfigError(
+                        "ppo.process_weight > 0 but no reward scored steps; add a process reward "
+                        "model, e.g. rewards: [..., {name: prm, options: {path: runs/prm/final}}]"
+                    )
+                steps = [step_rewards(r, tokenizer)[0] for r in rollouts]
+            if rollouts:
+                metrics.update(advantages_and_returns(rollouts, scores, beta, p, steps))
+            prepared = time.perf_counter()
+
+            updates, critic_updates, diff = [], [], []
+            for epoch in range(p.epochs):
+                rng = torch.Generator().manual_seed(seed + 1_000_003 * step + epoch)
+                order = [rollouts[i] for i in torch.randperm(len(rollouts), generator=rng).tolist()]
+                for i in range(0, len(order), minibatch):
+                    # Each process trains on its share; the learners average over all of them.
+                    # Every process adds the same ptx batch, weighted by its share of the tokens.
+                    part, real = train_share(order[i : i + minibatch], dist)
+                    mbs = micro_batches(part, p.micro_batch_size, device)
+                    weights = [mb.num_tokens * real for mb in mbs]
+                    ptx, ptx_tokens = ptx_batches(step * updates_per_step + len(updates))
+                    fn = functools.partial(
+                        policy_loss, total=float(sum(weights)), p=p, ptx=(cfg.ptx.coef, ptx_tokens),
+                        temperature=s.temperature, diff=None if updates or not real else diff,
+                    )  # fmt: skip
+                    fn = fn if real else zero_loss(fn)
+                    updates.append(learner.step(mbs + ptx, weights + [0] * len(ptx), fn))
+                    value_fn = functools.partial(critic_loss, p=p)
+                    value_fn = value_fn if real else zero_loss(value_fn)
+                    critic_updates.append(critic_learner.step(mbs, weights, value_fn))
+            state.kl.update(metrics.get("kl", 0.0), len(rollouts))
+            times["time/weight_sync_s"] = sync_weights(sampler, policy)
+
+            metrics.update(sampled_metrics(sampled))
+            metrics["score"] = metrics.pop("reward", math.nan)
+            metrics["score/shaped"] = float(scores.mean()) if rollouts else math.nan
+            metrics["beta"], metrics["next_beta"] = beta, state.kl.value
+            for key in updates[0] if updates else []:
+                name = "policy_loss" if key == "loss" else key
+                metrics[name] = sum(u[key] for u in updates) / len(updates)
+            for key in critic_updates[0] if critic_updates else []:
+                name = (
+                    "value_loss"
+                    if key == "loss"
+                    else f"critic/{key}"
+                    if key in ("grad_norm", "lr")
+                    else key
                 )
-            steps = [step_rewards(r, tokenizer)[0] for r in rollouts]
-        if rollouts:
-            metrics.update(advantages_and_returns(rollouts, scores, beta, p, steps))
-        prepared = time.perf_counter()
-
-        updates, critic_updates, diff = [], [], []
-        for epoch in range(p.epochs):
-            rng = torch.Generator().manual_seed(seed + 1_000_003 * step + epoch)
-            order = [rollouts[i] for i in torch.randperm(len(rollouts), generator=rng).tolist()]
-            for i in range(0, len(order), minibatch):
-                # Each process trains on its share; the learners average over all of them.
-                # Every process adds the same ptx batch, weighted by its share of the tokens.
-                part, real = train_share(order[i : i + minibatch], dist)
-                mbs = micro_batches(part, p.micro_batch_size, device)
-                weights = [mb.num_tokens * real for mb in mbs]
-                ptx, ptx_tokens = ptx_batches(step * updates_per_step + len(updates))
-                fn = functools.partial(
-                    policy_loss, total=float(sum(weights)), p=p, ptx=(cfg.ptx.coef, ptx_tokens),
-                    temperature=s.temperature, diff=None if updates or not real else diff,
-                )  # fmt: skip
-                fn = fn if real else zero_loss(fn)
-                updates.append(learner.step(mbs + ptx, weights + [0] * len(ptx), fn))
-                value_fn = functools.partial(critic_loss, p=p)
-                value_fn = value_fn if real else zero_loss(value_fn)
-                critic_updates.append(critic_learner.step(mbs, weights, value_fn))
-        state.kl.update(metrics.get("kl", 0.0), len(rollouts))
-        times["time/weight_sync_s"] = sync_weights(sampler, policy)
-
-        metrics.update(sampled_metrics(sampled))
-        metrics["score"] = metrics.pop("reward", math.nan)
-        metrics["score/shaped"] = float(scores.mean()) if rollouts else math.nan
-        metrics["beta"], metrics["next_beta"] = beta, state.kl.value
-        for key in updates[0] if updates else []:
-            metrics["policy_loss" if key == "loss" else key] = sum(u[key] for u in updates) / len(
-                updates
-            )
-        for key in critic_updates[0] if critic_updates else []:
-            name = (
-                "value_loss"
-                if key == "loss"
-                else f"critic/{key}"
-                if key in ("grad_norm", "lr")
-                else key
-            )
-            metrics[name] = sum(u[key] for u in critic_updates) / len(critic_updates)
-        diff = dist.all_gather(diff)
-        if diff:
-            metrics["old_logprob_max_abs_diff"] = max(diff)
-        metrics.update(times)
-        metrics["time/train_s"] = time.perf_counter() - prepared
-        tokens = sum(len(r.token_ids) for r in sampled)
-        metrics["completion_tokens_per_s"] = tokens / (time.perf_counter() - began)
-        rows = [r.as_row() for r in sampled[: s.log_samples]]
-        run.end_step(step + 1, metrics, evaluate, samples=rows)
+                metrics[name] = sum(u[key] for u in critic_updates) / len(critic_updates)
+            diff = dist.all_gather(diff)
+            if diff:
+                metrics["old_logprob_max_abs_diff"] = max(diff)
+            metrics.update(times)
+            metrics["time/train_s"] = time.perf_counter() - prepared
+            tokens = sum(len(r.token_ids) for r in sampled)
+            metrics["completion_tokens_per_s"] = tokens / (time.perf_counter() - began)
+            rows = [r.as_row() for r in sampled[: s.log_samples]]
+            run.end_step(step + 1, metrics, evaluate, samples=rows)
+    finally:
+        sampler.close()
     return run.finish(lambda out: save_pretrained(policy, tokenizer, out))

@@ -196,6 +196,7 @@ def make_labels(cfg: PRMConfig, run: Run) -> tuple[str, str]:
         if name == "train":
             write_jsonl_atomic(run.out / "outcome-pairs.jsonl", outcome_pairs(rows))
     run.summary["labels"] = made
+    sampler.close()
     del model, sampler
     return paths[0], paths[1]
 

@@ -24,6 +24,7 @@ SFT run, `summary.json`); a rerun skips done rounds and resumes a partial round'
 from __future__ import annotations
 
 import json
+from contextlib import closing
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -122,7 +123,8 @@ def run(cfg: RFTConfig) -> dict:
     def evaluate() -> dict:
         if not held_out:
             return {}
-        result = evaluate_prompts(sampler_of(policy), held_out, reward, eval_params)
+        with closing(sampler_of(policy)) as sampler:
+            result = evaluate_prompts(sampler, held_out, reward, eval_params)
         rows = [x.as_row() for x in result.rollouts[: cfg.evaluation.log_samples]]
         run.samples(run.step, rows, name="eval_samples")
         return result.metrics
@@ -134,7 +136,8 @@ def run(cfg: RFTConfig) -> dict:
         folder.mkdir(exist_ok=True)
         prompts = draw(train, step, r.prompts_per_round, seed)
         params = sampling_params(cfg.sampling, n=r.samples_per_prompt, seed=seed * 1_000_003 + k)
-        groups = sample_scored(sampler_of(policy), prompts, reward, params)
+        with closing(sampler_of(policy)) as sampler:
+            groups = sample_scored(sampler, prompts, reward, params)
         rows = [
             {"prompt": x.prompt.text, "completion": x.text}
             for group in groups

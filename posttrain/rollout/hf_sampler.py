@@ -117,6 +117,9 @@ class HFSampler:
         finally:
             self.model.train(was_training)
 
+    def close(self) -> None:
+        """Nothing to release: the sampler holds only the model, which the caller owns."""
+
     def _mask(self, allowed: torch.Tensor) -> torch.Tensor:
         """A boolean (B, 1, q, k) "may attend" mask in the form the model's attention takes:
         transformers passes 4D masks through untouched; eager adds them to the scores."""

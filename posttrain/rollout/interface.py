@@ -138,3 +138,8 @@ class Sampler(Protocol):
     def generate(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> RolloutBatch:
         """Sample `params.n` completions for each prompt (ragged lists of token ids)."""
         ...
+
+    def close(self) -> None:
+        """Release what the engine holds (vLLM: its engine core and process-wide state). A run
+        closes its samplers when it ends, so a later engine in the same process starts clean."""
+        ...

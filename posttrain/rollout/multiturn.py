@@ -174,6 +174,9 @@ class EnvironmentSampler:
             decode_seconds=decode + other,  # environment time counts as rollout time
         )
 
+    def close(self) -> None:
+        self.sampler.close()
+
     def _sample_turn(
         self,
         prompt_ids: Sequence[Sequence[int]],

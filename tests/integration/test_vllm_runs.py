@@ -35,10 +35,20 @@ def prompts(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("vllm-prompts") / "prompts.jsonl", rows)
 
 
-def test_the_engine_samples_with_the_synced_weights_every_step(model, prompts, tmp_path):
+def test_the_engine_samples_with_the_synced_weights_every_step(
+    model, prompts, tmp_path, monkeypatch
+):
+    from posttrain.rollout.vllm_engine import VLLMSampler
+
+    closed = []
+    close = VLLMSampler.close
+    monkeypatch.setattr(VLLMSampler, "close", lambda self: closed.append(close(self)))
     cfg = config(model, prompts, tmp_path / "synced", algo="grpo", run__max_steps=4,
                  sampling={"engine": "vllm", "max_new_tokens": 6})  # fmt: skip
     grpo.run(cfg)
+    # The run shut its engine down. Left to the garbage collector, vLLM's shutdown (which ends
+    # its process-wide groups) can run in the middle of a later engine's run in this process.
+    assert len(closed) == 1
     logged = [m for m in read_metrics(tmp_path / "synced") if "reward" in m]
     assert len(logged) == 4
     # pi_old is the engine's log-probs; the learner's first forward of each step agrees.
