@@ -34,10 +34,10 @@ from (`examples/grpo.yaml`, `examples/ppo.yaml`, `examples/iterative_dpo.yaml`),
 what the task needs (paths, rewards, max_new_tokens, steps, evaluation cadence) and in the
 sample budget, the same for every algorithm: 32 prompts x 8 completions a step.
 - grpo, dr_grpo, dapo, rloo, reinforce_pp: `algo=X grpo.beta=null` (each algorithm's own KL).
-- ppo: 256 prompts x 1 completion a step (its default of one sample per prompt).
+- ppo: 256 prompts x 1 completion a step (its default of one sample per prompt), in two
+  minibatches of 128: two optimizer steps a sampling step, as the example's 128 in two of 64.
 - iterative_dpo: min(4, steps) rounds of 8 samples of 32 x steps / rounds prompts, each
-  round's DPO run 2 passes over the round's pairs (`iterate.dpo_epochs=2`: about what the
-  example's 75 steps of 32 make over the ~1,100 pairs its rounds find).
+  round's DPO run 2 passes over the round's pairs (`iterate.dpo_epochs=2`, as the example).
 - trl_grpo: TRL 1.12's GRPOTrainer in `benchmarks/.venv-trl-ppo` (which also needs
   math-verify and reasoning_gym: `pip install math-verify==0.9.0 reasoning_gym==0.1.25`), with
   its defaults except: the same start, prompts, reward (posttrain's reward functions, called
@@ -356,13 +356,13 @@ def recipe_overrides(spec: dict) -> tuple[str, Path, list[str]]:
     elif algo == "ppo":
         recipe, example = "ppo", "ppo.yaml"
         extra = [f"model.path={spec['model']}", f"run.max_steps={steps}", every,
-                 f"ppo.prompts_per_step={PROMPTS * G}", "ppo.samples_per_prompt=1"]  # fmt: skip
+                 f"ppo.prompts_per_step={PROMPTS * G}", "ppo.samples_per_prompt=1",
+                 f"ppo.minibatch_size={PROMPTS * G // 2}"]  # fmt: skip
     else:
         recipe, example = "iterative_dpo", "iterative_dpo.yaml"
         rounds, per_round = idpo_rounds(steps)
         extra = [f"dpo.model.path={spec['model']}", f"run.max_steps={rounds}", "run.eval_every=1",
                  f"iterate.prompts_per_round={per_round}", f"iterate.samples_per_prompt={G}",
-                 "iterate.dpo_epochs=2",
                  f"dpo.run.seed={seed}", f"dpo.reference.cache_dir={out}/reference-cache"]  # fmt: skip
     scale = MODEL_OVERRIDES[recipe] if spec["needs_model"] else []
     return recipe, REPO / "examples" / example, data + extra + scale
