@@ -34,8 +34,8 @@ from (`examples/grpo.yaml`, `examples/ppo.yaml`, `examples/iterative_dpo.yaml`),
 what the task needs (paths, rewards, max_new_tokens, steps, evaluation cadence) and in the
 sample budget, the same for every algorithm: 32 prompts x 8 completions a step.
 - grpo, dr_grpo, dapo, rloo, reinforce_pp: `algo=X grpo.beta=null` (each algorithm's own KL).
-- ppo: 256 prompts x 1 completion a step (its default of one sample per prompt), in two
-  minibatches of 128: two optimizer steps a sampling step, as the example's 128 in two of 64.
+- ppo: 256 prompts x 1 completion a step (its default of one sample per prompt), in one
+  minibatch: one optimizer step a sampling step, as the example's 128.
 - iterative_dpo: min(4, steps) rounds of 8 samples of 32 x steps / rounds prompts, each
   round's DPO run 2 passes over the round's pairs (`iterate.dpo_epochs=2`, as the example).
 - trl_grpo: TRL 1.12's GRPOTrainer in `benchmarks/.venv-trl-ppo` (which also needs
@@ -357,7 +357,7 @@ def recipe_overrides(spec: dict) -> tuple[str, Path, list[str]]:
         recipe, example = "ppo", "ppo.yaml"
         extra = [f"model.path={spec['model']}", f"run.max_steps={steps}", every,
                  f"ppo.prompts_per_step={PROMPTS * G}", "ppo.samples_per_prompt=1",
-                 f"ppo.minibatch_size={PROMPTS * G // 2}"]  # fmt: skip
+                 f"ppo.minibatch_size={PROMPTS * G}"]  # fmt: skip
     else:
         recipe, example = "iterative_dpo", "iterative_dpo.yaml"
         rounds, per_round = idpo_rounds(steps)
